@@ -1,0 +1,133 @@
+"""Settings from environment variables (SPEC §4), with an optional `.env`-style file.
+
+Every worker, CLI command and test reads configuration through `Settings.from_env()`, so the
+names in SPEC §4 are defined in exactly one place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+DEFAULT_RETRY_SCHEDULE = "30s,1m,5m,15m,1h,6h,12h,24h"
+# Tier topic names are public contracts (SPEC §3.3) and fixed by position: a shortened schedule
+# (tests use 200ms tiers) changes how long each tier waits, never what the topics are called.
+TIER_TOPICS = tuple(f"webhooks.retry.{x}" for x in DEFAULT_RETRY_SCHEDULE.split(","))
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """'200ms' / '30s' / '5m' / '1h' / '1d' / '2' (seconds) -> seconds as float."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ConfigError(f"{name}: {text!r} is not a duration like 200ms, 30s, 5m, 1h")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Short human label used in tier topic names: 30 -> '30s', 60 -> '1m', 0.2 -> '200ms'."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _bool(text: str | None, default: bool) -> bool:
+    if text is None or text == "":
+        return default
+    return text.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_env_file(path: str | os.PathLike[str] = ".env") -> None:
+    """Read KEY=VALUE lines into os.environ without overriding what is already set."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    for raw in p.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip().strip('"').strip("'")
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = "localhost:9092"
+    topic_prefix: str = ""
+    retry_schedule: tuple[float, ...] = field(
+        default_factory=lambda: tuple(parse_duration(x) for x in DEFAULT_RETRY_SCHEDULE.split(","))
+    )
+    smart_window: float = 2.0
+    smart_max_wait: float = 30.0
+    delivery_timeout: float = 10.0
+    web_port: int = 6066
+    web_host: str = "0.0.0.0"
+    admin_token: str | None = None
+    admin_insecure: bool = False
+    allow_private_targets: bool = False
+    max_event_bytes: int = 1_000_000
+    # Concurrency of the HTTP hot path inside one worker (see docs/architecture.md).
+    max_in_flight: int = 64
+    max_in_flight_per_endpoint: int = 8
+    response_body_cap: int = 4096
+    data_dir: str = ".cache/faust-data"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        schedule_text = e.get("WEBHOOKS_RETRY_SCHEDULE") or DEFAULT_RETRY_SCHEDULE
+        schedule = tuple(
+            parse_duration(x, "WEBHOOKS_RETRY_SCHEDULE") for x in schedule_text.split(",") if x.strip()
+        )
+        if not 1 <= len(schedule) <= len(TIER_TOPICS):
+            raise ConfigError(f"WEBHOOKS_RETRY_SCHEDULE: needs 1 to {len(TIER_TOPICS)} delays")
+        try:
+            port = int(e.get("WEBHOOKS_WEB_PORT") or 6066)
+        except ValueError as exc:
+            raise ConfigError(f"WEBHOOKS_WEB_PORT: {e.get('WEBHOOKS_WEB_PORT')!r} is not a port") from exc
+        return cls(
+            bootstrap_servers=e.get("KAFKA_BOOTSTRAP_SERVERS") or "localhost:9092",
+            topic_prefix=e.get("WEBHOOKS_TOPIC_PREFIX") or "",
+            retry_schedule=schedule,
+            smart_window=parse_duration(e.get("WEBHOOKS_SMART_WINDOW") or "2s", "WEBHOOKS_SMART_WINDOW"),
+            smart_max_wait=parse_duration(
+                e.get("WEBHOOKS_SMART_MAX_WAIT") or "30s", "WEBHOOKS_SMART_MAX_WAIT"
+            ),
+            delivery_timeout=parse_duration(
+                e.get("WEBHOOKS_DELIVERY_TIMEOUT") or "10s", "WEBHOOKS_DELIVERY_TIMEOUT"
+            ),
+            web_port=port,
+            web_host=e.get("WEBHOOKS_WEB_HOST") or "0.0.0.0",
+            admin_token=e.get("WEBHOOKS_ADMIN_TOKEN") or None,
+            admin_insecure=_bool(e.get("WEBHOOKS_ADMIN_INSECURE"), False),
+            allow_private_targets=_bool(e.get("WEBHOOKS_ALLOW_PRIVATE_TARGETS"), False),
+            max_event_bytes=int(e.get("WEBHOOKS_MAX_EVENT_BYTES") or 1_000_000),
+            max_in_flight=int(e.get("WEBHOOKS_MAX_IN_FLIGHT") or 64),
+            max_in_flight_per_endpoint=int(e.get("WEBHOOKS_MAX_IN_FLIGHT_PER_ENDPOINT") or 8),
+            data_dir=e.get("WEBHOOKS_DATA_DIR") or ".cache/faust-data",
+        )
+
+    def topic(self, name: str) -> str:
+        """The full topic name for a logical SPEC name, with the install's prefix."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.topic_prefix}perfex-webhooks"
+
+    def tier_topics(self) -> list[str]:
+        """Full names of the tier topics in use, in order, one per configured delay."""
+        return [self.topic(name) for name in TIER_TOPICS[: len(self.retry_schedule)]]

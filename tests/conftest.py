@@ -1,0 +1,72 @@
+"""Shared fixtures: one real Kafka broker per test session, a fresh topic prefix per test.
+
+Set PERFEX_TEST_BOOTSTRAP=host:port to run against a broker you already have.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+class BrokerHandle:
+    def __init__(self, bootstrap: str, log_file: Path | None, local=None) -> None:
+        self.bootstrap = bootstrap
+        self.log_file = log_file
+        self.local = local  # the LocalBroker when the session started one (fault tests restart it)
+
+
+_broker: BrokerHandle | None = None
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[BrokerHandle]:
+    global _broker
+    external = os.environ.get("PERFEX_TEST_BOOTSTRAP")
+    if external:
+        _broker = BrokerHandle(external, None)
+        yield _broker
+        return
+    from app.local_broker import LocalBroker
+
+    data = OUTPUT / "kafka" / uuid.uuid4().hex[:8]
+    broker = LocalBroker(data)
+    broker.start()
+    _broker = BrokerHandle(broker.bootstrap, broker.log_file, broker)
+    try:
+        yield _broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic/group prefix no other test uses, so tests share the broker without interfering."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+def settings(kafka: BrokerHandle, prefix: str) -> Settings:
+    return Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+            "WEBHOOKS_TOPIC_PREFIX": prefix,
+            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
+        }
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and _broker is not None and _broker.log_file is not None and "kafka" in item.fixturenames:
+        rep.sections.append(("Kafka broker log", f"see {_broker.log_file}"))
