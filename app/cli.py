@@ -141,5 +141,201 @@ def emit(event: str, resource_id: str, data: str | None, previous: str | None, a
         click.echo(value["id"])
 
 
+# ---- worker -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+@click.option("--web-port", type=int, help="override WEBHOOKS_WEB_PORT")
+@click.option(
+    "--apply-topics/--no-apply-topics",
+    default=True,
+    show_default=True,
+    help="create missing topics from topics.yaml before starting",
+)
+@_errors_to_one_line
+def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
+    """Run a worker: fan-out, delivery, retry tiers, admin web, /metrics."""
+    import dataclasses
+
+    from app.worker import run_worker
+
+    s = settings()
+    if web_port is not None:
+        s = dataclasses.replace(s, web_port=web_port)
+    if not s.admin_token and not s.admin_insecure:
+        raise UserError(
+            "WEBHOOKS_ADMIN_TOKEN is not set; set it, or WEBHOOKS_ADMIN_INSECURE=true for a local "
+            "worker whose admin API anyone on the network can use"
+        )
+    if apply_topics:
+        from app.topics import apply
+
+        for line in apply(s):
+            click.echo(line, err=True)
+    run_worker(s, loglevel=loglevel)
+
+
+# ---- endpoints ----------------------------------------------------------------------------------
+@main.group()
+def endpoints() -> None:
+    """Manage webhook endpoints (stored in the webhooks.endpoints topic)."""
+
+
+def _write_endpoint(s: Settings, ep: Any, delete: bool = False) -> None:
+    from app.endpoints import TOPIC
+    from app.producer import Producer
+
+    with Producer(s) as p:
+        p.send(TOPIC, ep.id, None if delete else ep.record())
+
+
+def _print_endpoint(ep_public: dict[str, Any]) -> None:
+    state = (
+        "enabled"
+        if ep_public["enabled"]
+        else f"disabled ({ep_public.get('disabled_reason') or 'by operator'})"
+    )
+    click.echo(f"{ep_public['id']}  {ep_public['mode']:<9} {state}")
+    click.echo(f"  url:    {ep_public['url']}")
+    click.echo(f"  events: {', '.join(ep_public['events'])}")
+    if ep_public.get("description"):
+        click.echo(f"  about:  {ep_public['description']}")
+    if ep_public.get("grace_secret_active"):
+        click.echo(f"  grace secret valid until {ep_public['grace_expires_at']:.0f} (unix)")
+
+
+@endpoints.command("add")
+@click.option("--url", required=True)
+@click.option("--events", required=True, help="comma-separated names or patterns: 'invoice.*,lead.created'")
+@click.option(
+    "--mode", type=click.Choice(["immediate", "smart", "async"]), default="async", show_default=True
+)
+@click.option("--secret", help="use this secret instead of a generated whsec_ one")
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_add(
+    url: str, events: str, mode: str, secret: str | None, description: str, as_json: bool
+) -> None:
+    """Register an endpoint; prints its id and (this once) its secret."""
+    from app.endpoints import create_endpoint
+
+    s = settings()
+    ep = create_endpoint(s, url=url, events=events, mode=mode, secret=secret, description=description)
+    _write_endpoint(s, ep)
+    if as_json:
+        print_json({**ep.public(), "secret": ep.secret})
+    else:
+        click.echo(f"endpoint {ep.id} created")
+        click.echo(f"secret: {ep.secret}")
+        click.echo("(the secret is shown only now; store it where the receiver can verify signatures)")
+
+
+@endpoints.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_list(as_json: bool) -> None:
+    """List endpoints (never their secrets)."""
+    from app.endpoints import read_endpoints
+
+    eps = sorted(read_endpoints(settings()).values(), key=lambda e: e.created_at)
+    if as_json:
+        print_json([e.public() for e in eps])
+        return
+    if not eps:
+        click.echo("no endpoints; add one with `perfex-webhooks endpoints add`")
+    for e in eps:
+        state = "on " if e.enabled else "off"
+        click.echo(f"{e.id}  {state} {e.mode:<9} {e.url}  [{', '.join(e.events)}]")
+
+
+def _load(ep_id: str) -> tuple[Settings, Any]:
+    from app.endpoints import find, read_endpoints
+
+    s = settings()
+    return s, find(read_endpoints(s), ep_id)
+
+
+@endpoints.command("show")
+@click.argument("endpoint_id")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_show(endpoint_id: str, as_json: bool) -> None:
+    """Show one endpoint."""
+    _, ep = _load(endpoint_id)
+    if as_json:
+        print_json(ep.public())
+    else:
+        _print_endpoint(ep.public())
+
+
+def _set_enabled(endpoint_id: str, enabled: bool, as_json: bool) -> None:
+    from app.endpoints import update_endpoint
+
+    s, ep = _load(endpoint_id)
+    new = update_endpoint(s, ep, {"enabled": enabled})
+    if not enabled:
+        new = new.changed(disabled_reason="disabled by operator")
+    _write_endpoint(s, new)
+    if as_json:
+        print_json(new.public())
+    else:
+        click.echo(f"endpoint {new.id} {'enabled' if enabled else 'disabled'}")
+
+
+@endpoints.command("enable")
+@click.argument("endpoint_id")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_enable(endpoint_id: str, as_json: bool) -> None:
+    """Enable an endpoint (also one disabled by a 410)."""
+    _set_enabled(endpoint_id, True, as_json)
+
+
+@endpoints.command("disable")
+@click.argument("endpoint_id")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_disable(endpoint_id: str, as_json: bool) -> None:
+    """Disable an endpoint: its deliveries go to the DLQ until it is enabled."""
+    _set_enabled(endpoint_id, False, as_json)
+
+
+@endpoints.command("delete")
+@click.argument("endpoint_id")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_delete(endpoint_id: str, as_json: bool) -> None:
+    """Delete an endpoint (a tombstone on the compacted registry topic)."""
+    s, ep = _load(endpoint_id)
+    _write_endpoint(s, ep, delete=True)
+    if as_json:
+        print_json({"id": ep.id, "deleted": True})
+    else:
+        click.echo(f"endpoint {ep.id} deleted")
+
+
+@endpoints.command("rotate-secret")
+@click.argument("endpoint_id")
+@click.option(
+    "--grace", default="24h", show_default=True, help="how long the old secret still signs (max 24h)"
+)
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_rotate(endpoint_id: str, grace: str, as_json: bool) -> None:
+    """New primary secret; the old one stays valid for --grace."""
+    from app.config import parse_duration
+    from app.endpoints import rotate_secret
+
+    s, ep = _load(endpoint_id)
+    new = rotate_secret(ep, parse_duration(grace, "--grace"))
+    _write_endpoint(s, new)
+    if as_json:
+        print_json({**new.public(), "secret": new.secret})
+    else:
+        click.echo(f"endpoint {new.id}: new secret: {new.secret}")
+        if new.grace_expires_at:
+            click.echo(f"the previous secret stays valid for {grace}")
+
+
 if __name__ == "__main__":
     main()

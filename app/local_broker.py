@@ -11,6 +11,7 @@ git-ignored cache; the second start finds them there and touches no network. Use
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import contextlib
 import os
@@ -191,6 +192,7 @@ class LocalBroker:
             start_new_session=True,
         )
         out.close()
+        atexit.register(self.stop)  # an interrupted test run or script leaves no JVM behind
         self.wait_ready(timeout)
         return self
 

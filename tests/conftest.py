@@ -70,3 +70,33 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
     rep = outcome.get_result()
     if rep.failed and _broker is not None and _broker.log_file is not None and "kafka" in item.fixturenames:
         rep.sections.append(("Kafka broker log", f"see {_broker.log_file}"))
+
+
+@pytest.fixture
+def receiver():
+    from tests.receiver import Receiver
+
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def workers(settings: Settings):
+    """Factory for worker processes on this test's prefix; all are stopped at the end."""
+    from app.topics import apply
+    from tests.workers import WorkerProcess
+
+    apply(settings)
+    started: list[WorkerProcess] = []
+
+    def make(name: str = "worker", start: bool = True, **env: str) -> WorkerProcess:
+        w = WorkerProcess(settings, name=name, **env)
+        started.append(w)
+        if start:
+            w.start()
+        return w
+
+    yield make
+    for w in started:
+        w.stop()

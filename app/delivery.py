@@ -1,0 +1,250 @@
+"""A delivery and its HTTP attempt: the one place a webhook request is built and sent.
+
+Used by every mode (immediate from the fan-out, async and smart from `webhooks.deliveries`) and by
+the retry tiers. The body and headers follow SPEC §3.2; redirects are not followed; the response
+body is read up to a small cap; connections go through the SSRF-guarded resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app import __version__
+from app.config import Settings
+from app.endpoints import Endpoint
+from app.events import ChangeEvent
+from app.netguard import ForbiddenTarget, GuardedResolver, check_literal_host
+from app.signing import build_headers, dumps
+
+
+def new_delivery_id() -> str:
+    return "dlv_" + secrets.token_urlsafe(16)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What travels through webhooks.deliveries, the retry tiers and the DLQ (as compact JSON)."""
+
+    id: str
+    endpoint_id: str
+    event: str
+    event_id: str
+    occurred_at: str
+    occurred_ts: float
+    resource_key: str
+    data: dict[str, Any]
+    previous: dict[str, Any] | None = None
+    collapsed: int | None = None
+    mode: str = "async"
+    created_at: float = field(default_factory=time.time)
+    # Failed attempts since the delivery (re)entered the pipeline: picks the next tier.
+    failures: int = 0
+    not_before: float | None = None  # from a Retry-After
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # whole history, across replays
+    replays: int = 0
+
+    @classmethod
+    def for_event(
+        cls, ev: ChangeEvent, endpoint: Endpoint, mode: str, collapsed: int | None = None
+    ) -> Delivery:
+        return cls(
+            id=new_delivery_id(),
+            endpoint_id=endpoint.id,
+            event=ev.event,
+            event_id=ev.id,
+            occurred_at=ev.occurred_at,
+            occurred_ts=ev.occurred_ts,
+            resource_key=ev.key,
+            data=ev.data,
+            previous=ev.previous,
+            collapsed=collapsed,
+            mode=mode,
+        )
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "endpoint_id": self.endpoint_id,
+            "event": self.event,
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            "occurred_ts": self.occurred_ts,
+            "resource_key": self.resource_key,
+            "data": self.data,
+            "previous": self.previous,
+            "collapsed": self.collapsed,
+            "mode": self.mode,
+            "created_at": self.created_at,
+            "failures": self.failures,
+            "not_before": self.not_before,
+            "attempts": self.attempts,
+            "replays": self.replays,
+        }
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.record())
+
+    @classmethod
+    def decode(cls, raw: bytes | dict[str, Any]) -> Delivery:
+        d = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, memoryview, str)) else raw
+        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+
+    def body(self, timestamp: int) -> bytes:
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "event": self.event,
+            "event_id": self.event_id,
+            "timestamp": timestamp,
+            "occurred_at": self.occurred_at,
+            "data": self.data,
+        }
+        if self.previous is not None:
+            doc["previous"] = self.previous
+        if self.collapsed and self.collapsed > 1:
+            doc["collapsed"] = self.collapsed
+        return dumps(doc)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    number: int
+    at: float
+    outcome: str  # success | http_error | gone | timeout | connect_error | tls_error | forbidden | error
+    status: int | None
+    latency_ms: float
+    error: str | None = None
+    retry_after: float | None = None  # seconds, from a 429/503 Retry-After
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "success"
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "n": self.number,
+            "at": round(self.at, 3),
+            "outcome": self.outcome,
+            "status": self.status,
+            "latency_ms": round(self.latency_ms, 2),
+            "error": self.error,
+        }
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped at 24 h."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), 86400.0)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when - now), 86400.0)
+
+
+class HttpSender:
+    """The aiohttp session of a worker. One per process; connections are pooled per host."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.settings.max_in_flight * 2,
+            limit_per_host=0,
+            resolver=GuardedResolver(self.settings.allow_private_targets),
+            ttl_dns_cache=30,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def attempt(self, delivery: Delivery, endpoint: Endpoint) -> Attempt:
+        """One signed POST. Never raises: every failure becomes an Attempt outcome."""
+        assert self._session is not None, "HttpSender.start() first"
+        number = len(delivery.attempts) + 1
+        started = time.time()
+        t0 = time.perf_counter()
+        ts = int(started)
+        status: int | None = None
+        retry_after = None
+        try:
+            body = delivery.body(ts)
+            headers = build_headers(
+                body,
+                delivery_id=delivery.id,
+                event=delivery.event,
+                timestamp=ts,
+                attempt=number,
+                secrets=endpoint.secrets_now(started),
+                version=__version__,
+            )
+            host = aiohttp.client.URL(endpoint.url).host or ""
+            check_literal_host(host, self.settings.allow_private_targets)
+            async with self._session.post(
+                endpoint.url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                # Read at most a small cap: the body only matters for the attempt log.
+                snippet = await resp.content.read(self.settings.response_body_cap)
+                if 200 <= status < 300:
+                    outcome, error = "success", None
+                elif status == 410:
+                    outcome, error = "gone", "410 Gone"
+                else:
+                    outcome = "http_error"
+                    error = f"HTTP {status}: " + snippet[:200].decode("utf-8", "replace")
+                    if status in (429, 503):
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"), started)
+        except TimeoutError:
+            outcome, error = "timeout", f"no answer within {self.settings.delivery_timeout:g}s"
+        except ForbiddenTarget as exc:
+            outcome, error = "forbidden", str(exc)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            outcome, error = "tls_error", str(exc)[:300]
+        except aiohttp.ClientSSLError as exc:
+            outcome, error = "tls_error", str(exc)[:300]
+        except ssl.SSLError as exc:
+            outcome, error = "tls_error", str(exc)[:300]
+        except aiohttp.ClientConnectorError as exc:
+            cause = exc.os_error
+            if isinstance(cause, ForbiddenTarget):
+                outcome, error = "forbidden", str(cause)
+            else:
+                outcome, error = "connect_error", str(exc)[:300]
+        except (aiohttp.ClientError, OSError) as exc:
+            outcome, error = "connect_error", f"{type(exc).__name__}: {exc}"[:300]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or hostile data must not kill the worker
+            outcome, error = "error", f"{type(exc).__name__}: {exc}"[:300]
+        return Attempt(
+            number=number,
+            at=started,
+            outcome=outcome,
+            status=status,
+            latency_ms=(time.perf_counter() - t0) * 1000,
+            error=error,
+            retry_after=retry_after,
+        )

@@ -1,0 +1,158 @@
+"""Dispatcher: one delivery through one attempt and on to wherever its outcome sends it.
+
+Shared by immediate fan-out, the async/smart delivery agent and the retry tiers, so every path has
+the same rules: concurrency caps (global, and per endpoint so one slow endpoint cannot take every
+slot), the attempt log, metrics, 410 disabling the endpoint, Retry-After, next tier or DLQ.
+`dispatch` returns only when the delivery is safe: delivered, or its next record acknowledged
+by Kafka. Callers commit their source offset after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from app import metrics
+from app.config import TIER_TOPICS, Settings
+from app.delivery import Attempt, Delivery, HttpSender
+from app.endpoints import TOPIC as ENDPOINTS_TOPIC
+from app.endpoints import Registry
+from app.outbox import Outbox
+from app.retry import DLQ, next_hop
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = "webhooks.attempts"
+
+
+def tier_label(index: int) -> str:
+    return TIER_TOPICS[index].removeprefix("webhooks.retry.")
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, registry: Registry, sender: HttpSender, outbox: Outbox) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.sender = sender
+        self.outbox = outbox
+        self._global = asyncio.Semaphore(settings.max_in_flight)
+        self._per_endpoint: dict[str, asyncio.Semaphore] = {}
+        self._waiting: dict[str, int] = {}
+        self._slow: dict[str, bool] = {}
+        # When an endpoint is slow (its last attempt timed out, failed to connect or took over a
+        # second) and this many deliveries already queue for it, new ones wait in a retry tier
+        # instead of in the worker: a hung endpoint must not stall the others or a rebalance.
+        self.max_waiting_per_endpoint = settings.max_in_flight_per_endpoint * 2
+
+    # ---- entry point -----------------------------------------------------------------------------
+    async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
+        ep = self.registry.get(d.endpoint_id)
+        if ep is None:
+            await self.park(d, "endpoint_deleted")
+            return
+        if not ep.enabled:
+            await self.park(d, "endpoint_disabled")
+            return
+        now = time.time()
+        if d.not_before and now < d.not_before and tier is not None:
+            # Retry-After asked for more time than this tier gave: wait another round in it.
+            await self._to_topic(TIER_TOPICS[tier], d)
+            return
+        waiting = self._waiting.get(ep.id, 0)
+        if waiting >= self.max_waiting_per_endpoint and self._slow.get(ep.id):
+            metrics.DELIVERIES.labels(endpoint=ep.id, mode=d.mode, outcome="deferred").inc()
+            if tier is None:
+                await self._schedule(d, None)
+            else:
+                await self._to_topic(TIER_TOPICS[tier], d)
+            return
+        sem = self._per_endpoint.get(ep.id)
+        if sem is None:
+            sem = self._per_endpoint[ep.id] = asyncio.Semaphore(self.settings.max_in_flight_per_endpoint)
+        self._waiting[ep.id] = waiting + 1
+        try:
+            async with sem, self._global:
+                metrics.IN_FLIGHT.inc()
+                try:
+                    attempt = await self.sender.attempt(d, ep)
+                finally:
+                    metrics.IN_FLIGHT.dec()
+        finally:
+            self._waiting[ep.id] -= 1
+        self._slow[ep.id] = attempt.outcome in ("timeout", "connect_error") or attempt.latency_ms > 1000
+        await self._after(d, ep.id, attempt)
+
+    async def _after(self, d: Delivery, endpoint_id: str, a: Attempt) -> None:
+        d.attempts.append(a.record())
+        metrics.DELIVERIES.labels(endpoint=endpoint_id, mode=d.mode, outcome=a.outcome).inc()
+        metrics.ATTEMPT_LATENCY.labels(mode=d.mode).observe(a.latency_ms / 1000)
+        await self._log_attempt(d, a)
+        if a.ok:
+            metrics.END_TO_END.labels(mode=d.mode).observe(max(0.0, time.time() - d.occurred_ts))
+            return
+        d.failures += 1
+        if a.retry_after:
+            d.not_before = a.at + a.retry_after
+        if a.outcome == "gone":
+            await self.disable_endpoint(endpoint_id, "410 Gone from the endpoint")
+        await self._schedule(d, a)
+
+    async def _schedule(self, d: Delivery, a: Attempt | None) -> None:
+        topic, index = next_hop(self.settings, d, a)
+        if index is None:
+            reason = "gone" if a is not None and a.outcome == "gone" else "retries_exhausted"
+            await self.park(d, reason)
+            return
+        metrics.RETRIES_SCHEDULED.labels(tier=tier_label(index)).inc()
+        await self._to_topic(topic, d)
+
+    async def _to_topic(self, topic: str, d: Delivery) -> None:
+        await (await self.outbox.send(topic, d.resource_key, d.encode()))
+
+    # ---- DLQ, attempt log, registry ------------------------------------------------------------
+    async def park(self, d: Delivery, reason: str) -> None:
+        rec = d.record()
+        rec["dlq_reason"] = reason
+        rec["dead_at"] = time.time()
+        metrics.DLQ_ENTRIES.labels(reason=reason).inc()
+        await (await self.outbox.send(DLQ, d.id, orjson.dumps(rec)))
+
+    async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
+        """A record we cannot even decode still goes to the DLQ, never nowhere."""
+        rec = {
+            "id": (key or b"unknown").decode("utf-8", "replace"),
+            "dlq_reason": "unreadable",
+            "error": reason[:300],
+            "raw": (value or b"")[:100_000].decode("utf-8", "replace"),
+            "dead_at": time.time(),
+        }
+        metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
+        await (await self.outbox.send(DLQ, rec["id"], orjson.dumps(rec)))
+
+    async def _log_attempt(self, d: Delivery, a: Attempt) -> None:
+        rec: dict[str, Any] = {
+            "delivery_id": d.id,
+            "endpoint_id": d.endpoint_id,
+            "event": d.event,
+            "mode": d.mode,
+            **a.record(),
+        }
+        try:
+            # The attempt log is observability: queue it, do not hold the delivery for its ack.
+            await self.outbox.send(ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
+        except Exception as exc:
+            log.warning("attempt log: %s", exc)
+
+    async def disable_endpoint(self, endpoint_id: str, reason: str) -> None:
+        ep = self.registry.get(endpoint_id)
+        if ep is None or not ep.enabled:
+            return
+        new = ep.changed(enabled=False, disabled_reason=reason)
+        self.registry.apply_local(new, endpoint_id)
+        metrics.ENDPOINTS_DISABLED_BY_410.inc()
+        await (await self.outbox.send(ENDPOINTS_TOPIC, endpoint_id, orjson.dumps(new.record())))
+        log.warning("endpoint %s disabled: %s", endpoint_id, reason)

@@ -1,0 +1,218 @@
+"""Endpoint registry: the compacted `webhooks.endpoints` topic, one record per endpoint id.
+
+Workers follow the topic (`Registry`), the CLI reads it whole (`read_endpoints`); both write through
+Kafka, so every worker and the CLI act on the same state. Secrets are stored in the record (the
+workers sign with them) and leave this module only through `Endpoint.secrets_now()`; listings use
+`public()`, which omits them.
+"""
+
+from __future__ import annotations
+
+import secrets as _secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from app.catalog import load_catalog, matches
+from app.config import Settings
+from app.netguard import validate_url
+from app.signing import generate_secret
+
+MODES = ("immediate", "smart", "async")
+MAX_GRACE = 24 * 3600.0
+TOPIC = "webhooks.endpoints"
+
+
+def new_endpoint_id() -> str:
+    return "ep_" + _secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str
+    url: str
+    events: tuple[str, ...]
+    mode: str
+    secret: str
+    enabled: bool = True
+    description: str = ""
+    grace_secret: str | None = None
+    grace_expires_at: float | None = None
+    disabled_reason: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def secrets_now(self, now: float | None = None) -> list[str]:
+        """Live secrets, primary first; the grace secret expires by itself at grace_expires_at."""
+        now = time.time() if now is None else now
+        live = [self.secret]
+        if self.grace_secret and self.grace_expires_at and now < self.grace_expires_at:
+            live.append(self.grace_secret)
+        return live
+
+    def wants(self, event: str) -> bool:
+        return self.enabled and matches(self.events, event)
+
+    def public(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        grace = bool(self.grace_secret and self.grace_expires_at and now < self.grace_expires_at)
+        return {
+            "id": self.id,
+            "url": self.url,
+            "events": list(self.events),
+            "mode": self.mode,
+            "enabled": self.enabled,
+            "disabled_reason": self.disabled_reason,
+            "description": self.description,
+            "grace_secret_active": grace,
+            "grace_expires_at": self.grace_expires_at if grace else None,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    def record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["events"] = list(self.events)
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> Endpoint:
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        known["events"] = tuple(known.get("events") or ())
+        return cls(**known)
+
+    def changed(self, **kw: Any) -> Endpoint:
+        return replace(self, updated_at=time.time(), **kw)
+
+
+def validate_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def validate_secret(secret: str) -> str:
+    if len(secret) < 16 or any(ord(c) < 33 or ord(c) > 126 for c in secret):
+        raise ValueError("secret: needs at least 16 printable ASCII characters without spaces")
+    return secret
+
+
+def create_endpoint(
+    settings: Settings,
+    *,
+    url: str,
+    events: str | list[str],
+    mode: str,
+    secret: str | None = None,
+    description: str = "",
+    enabled: bool = True,
+) -> Endpoint:
+    """Validate and build a new endpoint (not yet stored)."""
+    return Endpoint(
+        id=new_endpoint_id(),
+        url=validate_url(url, settings.allow_private_targets),
+        events=tuple(load_catalog().validate_patterns(events)),
+        mode=validate_mode(mode),
+        secret=validate_secret(secret) if secret else generate_secret(),
+        description=(description or "")[:500],
+        enabled=enabled,
+    )
+
+
+def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -> Endpoint:
+    """Apply validated changes (url, events, mode, description, enabled)."""
+    kw: dict[str, Any] = {}
+    unknown = set(changes) - {"url", "events", "mode", "description", "enabled"}
+    if unknown:
+        raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
+    if "url" in changes:
+        kw["url"] = validate_url(str(changes["url"]), settings.allow_private_targets)
+    if "events" in changes:
+        kw["events"] = tuple(load_catalog().validate_patterns(changes["events"]))
+    if "mode" in changes:
+        kw["mode"] = validate_mode(str(changes["mode"]))
+    if "description" in changes:
+        kw["description"] = str(changes["description"] or "")[:500]
+    if "enabled" in changes:
+        if not isinstance(changes["enabled"], bool):
+            raise ValueError("enabled: must be true or false")
+        kw["enabled"] = changes["enabled"]
+        if changes["enabled"]:
+            kw["disabled_reason"] = None
+    return ep.changed(**kw)
+
+
+def rotate_secret(ep: Endpoint, grace: float = MAX_GRACE, new_secret: str | None = None) -> Endpoint:
+    """New primary secret; the old one signs alongside it for `grace` seconds (at most 24 h)."""
+    if grace < 0 or grace > MAX_GRACE:
+        raise ValueError("grace: must be between 0 and 24h")
+    return ep.changed(
+        secret=validate_secret(new_secret) if new_secret else generate_secret(),
+        grace_secret=ep.secret if grace > 0 else None,
+        grace_expires_at=time.time() + grace if grace > 0 else None,
+    )
+
+
+# ---- reading and writing the registry ---------------------------------------------------------------
+def read_endpoints(settings: Settings) -> dict[str, Endpoint]:
+    from app.topic_tables import read_table
+
+    return {k: Endpoint.from_record(v) for k, v in read_table(settings, TOPIC).items()}
+
+
+def find(endpoints: dict[str, Endpoint], ep_id: str) -> Endpoint:
+    if ep_id not in endpoints:
+        raise KeyError(f"no endpoint {ep_id}")
+    return endpoints[ep_id]
+
+
+class Registry:
+    """A worker's live view of every endpoint, with a per-event-name match cache."""
+
+    def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
+        from app.topic_tables import TopicTable
+
+        self.settings = settings
+        self._by_event: dict[str, list[Endpoint]] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._notify = on_change
+        self.table = TopicTable(settings, TOPIC, on_change=self._changed)
+
+    def _changed(self, key: str, value: Any) -> None:
+        if value is None:
+            self._endpoints.pop(key, None)
+        else:
+            try:
+                self._endpoints[key] = Endpoint.from_record(value)
+            except TypeError:
+                return  # a record we cannot read is not an endpoint
+        self._by_event.clear()
+        if self._notify is not None:
+            self._notify()
+
+    async def start(self) -> None:
+        await self.table.start()
+
+    async def stop(self) -> None:
+        await self.table.stop()
+
+    @property
+    def ready(self):  # asyncio.Event
+        return self.table.ready
+
+    def get(self, ep_id: str) -> Endpoint | None:
+        return self._endpoints.get(ep_id)
+
+    def all(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+    def matching(self, event: str) -> list[Endpoint]:
+        hit = self._by_event.get(event)
+        if hit is None:
+            hit = self._by_event[event] = [e for e in self._endpoints.values() if e.wants(event)]
+        return hit
+
+    def apply_local(self, ep: Endpoint | None, ep_id: str) -> None:
+        """Show our own write at once; the topic echo that follows is idempotent."""
+        self._changed(ep_id, None if ep is None else ep.record())

@@ -1,0 +1,75 @@
+"""Prometheus metrics of a worker (served on /metrics of WEBHOOKS_WEB_PORT).
+
+Labels stay bounded: event names and reasons come from closed sets, endpoint ids from the registry;
+URLs, delivery ids and resource ids never become labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 3, 5, 10, 30, 60, 300, 3600, 86400)
+
+EVENTS_CONSUMED = Counter(
+    "webhooks_events_consumed_total",
+    "Valid change events consumed from crm.events",
+    ["event"],
+    registry=REGISTRY,
+)
+INVALID_EVENTS = Counter(
+    "webhooks_invalid_events_total",
+    "Records parked on crm.events.invalid, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+DELIVERIES = Counter(
+    "webhooks_deliveries_total",
+    "Delivery attempts by endpoint, mode and outcome (success, http_error, timeout, connect_error, ...)",
+    ["endpoint", "mode", "outcome"],
+    registry=REGISTRY,
+)
+ATTEMPT_LATENCY = Histogram(
+    "webhooks_attempt_duration_seconds",
+    "HTTP attempt latency",
+    ["mode"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+END_TO_END = Histogram(
+    "webhooks_end_to_end_seconds",
+    "Event occurred_at to 2xx received, by mode",
+    ["mode"],
+    buckets=_E2E_BUCKETS,
+    registry=REGISTRY,
+)
+RETRIES_SCHEDULED = Counter(
+    "webhooks_retries_scheduled_total", "Deliveries moved into a retry tier", ["tier"], registry=REGISTRY
+)
+DLQ_ENTRIES = Counter(
+    "webhooks_dlq_entries_total",
+    "Deliveries parked in the dead-letter topic, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+DLQ_SIZE = Gauge("webhooks_dlq_size", "Deliveries currently in the DLQ view", registry=REGISTRY)
+REPLAYS = Counter("webhooks_replays_total", "DLQ entries replayed", registry=REGISTRY)
+SMART_COLLAPSED = Counter(
+    "webhooks_smart_collapsed_events_total", "Events merged into smart deliveries", registry=REGISTRY
+)
+SMART_DELIVERIES = Counter(
+    "webhooks_smart_deliveries_total", "Smart deliveries released after debounce", registry=REGISTRY
+)
+SMART_PENDING = Gauge(
+    "webhooks_smart_pending", "Smart (endpoint, resource) items waiting for their window", registry=REGISTRY
+)
+IN_FLIGHT = Gauge("webhooks_in_flight_requests", "HTTP requests in flight", registry=REGISTRY)
+CONSUMER_LAG = Gauge(
+    "webhooks_consumer_lag", "Records behind the end of each consumed topic", ["topic"], registry=REGISTRY
+)
+ENDPOINTS = Gauge("webhooks_endpoints", "Registered endpoints by state", ["state"], registry=REGISTRY)
+ENDPOINTS_DISABLED_BY_410 = Counter(
+    "webhooks_endpoints_disabled_total", "Endpoints disabled by a 410 Gone", registry=REGISTRY
+)

@@ -1,0 +1,141 @@
+"""SSRF guard: endpoint URLs may not reach loopback, private, link-local or metadata addresses.
+
+Checked twice: when an endpoint is registered (clear error for the operator) and on every connection
+(`GuardedResolver`), because DNS can change after registration. The resolver hands aiohttp exactly
+the addresses it checked, so a rebinding DNS answer cannot switch the target between check and
+connect. IP-literal hosts bypass aiohttp's resolver, so `check_literal_host` covers those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_METADATA = {
+    ipaddress.ip_address("169.254.169.254"),  # AWS/GCP/Azure/OpenStack instance metadata
+    ipaddress.ip_address("fd00:ec2::254"),  # AWS IPv6 metadata
+    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud metadata
+}
+
+
+class ForbiddenTarget(OSError):
+    """The URL resolves to an address that endpoints may not reach."""
+
+
+def _unwrap(ip: IPAddress) -> IPAddress:
+    # ::ffff:127.0.0.1, 64:ff9b::/96 NAT64 and 6to4 embed an IPv4 address: judge the embedded one.
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in ipaddress.ip_network("64:ff9b::/96"):
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+    return ip
+
+
+def forbidden_reason(ip_text: str) -> str | None:
+    """Why an address may not be a webhook target, or None if it is a public address."""
+    try:
+        ip = _unwrap(ipaddress.ip_address(ip_text.split("%", 1)[0]))
+    except ValueError:
+        return "not an IP address"
+    if ip in _METADATA:
+        return "cloud metadata address"
+    if ip.is_loopback:
+        return "loopback address"
+    if ip.is_link_local:
+        return "link-local address"
+    if ip.is_private:
+        return "private address"
+    if ip.is_multicast or ip.is_reserved or ip.is_unspecified or not ip.is_global:
+        return "non-public address"
+    return None
+
+
+def check_literal_host(host: str, allow_private: bool) -> None:
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return  # a name: the resolver checks it at connect time
+    if not allow_private and (why := forbidden_reason(host)):
+        raise ForbiddenTarget(f"{host} is a {why}")
+
+
+def validate_url(url: str, allow_private: bool, resolve: bool = True) -> str:
+    """Operator-facing check of an endpoint URL; returns it normalised or raises ValueError."""
+    url = (url or "").strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"url: {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"url: {url!r} has no host")
+    if parts.username or parts.password:
+        raise ValueError("url: credentials in the URL are not allowed; use the signature to authenticate")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"url: bad port in {url!r}") from exc
+    if allow_private:
+        return url
+    try:
+        check_literal_host(parts.hostname, allow_private)
+    except ForbiddenTarget as exc:
+        raise ValueError(
+            f"url: {exc}; set WEBHOOKS_ALLOW_PRIVATE_TARGETS=true for local development"
+        ) from exc
+    if resolve:
+        try:
+            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"url: cannot resolve {parts.hostname}: {exc.strerror}") from exc
+        for info in infos:
+            addr = str(info[4][0])
+            if why := forbidden_reason(addr):
+                raise ValueError(
+                    f"url: {parts.hostname} resolves to {addr}, a {why}; "
+                    "set WEBHOOKS_ALLOW_PRIVATE_TARGETS=true for local development"
+                )
+    return url
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp resolver that refuses a host if any of its addresses is forbidden."""
+
+    def __init__(self, allow_private: bool = False) -> None:
+        self.allow_private = allow_private
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family)
+        except socket.gaierror as exc:
+            raise OSError(f"cannot resolve {host}: {exc.strerror}") from exc
+        out: list[ResolveResult] = []
+        for fam, _, proto, _, sockaddr in infos:
+            addr = str(sockaddr[0])
+            if not self.allow_private and (why := forbidden_reason(addr)):
+                raise ForbiddenTarget(f"{host} resolves to a {why}")
+            out.append(
+                ResolveResult(
+                    hostname=host,
+                    host=addr,
+                    port=int(sockaddr[1]),
+                    family=fam,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        if not out:
+            raise OSError(f"cannot resolve {host}: no address")
+        return out
+
+    async def close(self) -> None:
+        return None

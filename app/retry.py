@@ -1,0 +1,227 @@
+"""Retry tiers: where a failed delivery goes next, and the consumers that wait out each tier.
+
+A record in tier i is due at (its Kafka timestamp + delay i). Every record of a tier has the same
+delay, so each partition is already in due order: the consumer reads a partition until it meets a
+record that is not due, seeks back to it, pauses the partition and resumes it when it is due, all
+while still polling (no sleeping inside a consumer, no busy loop, nothing buffered in memory).
+Offsets are committed only up to the first record not yet fully handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from app import metrics
+from app.config import Settings
+from app.delivery import Attempt, Delivery
+
+if TYPE_CHECKING:
+    from app.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+DLQ = "webhooks.dlq"
+
+
+def next_hop(settings: Settings, delivery: Delivery, attempt: Attempt | None) -> tuple[str, int | None]:
+    """(logical topic, tier index or None for the DLQ) for a delivery that did not succeed.
+
+    `delivery.failures` counts failed attempts since it entered the pipeline (or was replayed):
+    after failure n it waits in tier n; after failure len(schedule)+1 it is dead. A delivery that
+    was deferred without an attempt (failures == 0) waits in the first tier.
+    """
+    from app.config import TIER_TOPICS
+
+    if attempt is not None and attempt.outcome == "gone":
+        return DLQ, None
+    tiers = len(settings.retry_schedule)
+    if delivery.failures > tiers:
+        return DLQ, None
+    index = max(delivery.failures, 1) - 1
+    return TIER_TOPICS[index], index
+
+
+class _Offsets:
+    """In-order bookkeeping of one partition's started and finished offsets."""
+
+    __slots__ = ("committed", "done", "started")
+
+    def __init__(self) -> None:
+        self.started: deque[int] = deque()
+        self.done: set[int] = set()
+        self.committed: int | None = None
+
+    def start(self, offset: int) -> None:
+        self.started.append(offset)
+
+    def finish(self, offset: int) -> None:
+        self.done.add(offset)
+
+    def committable(self) -> int | None:
+        """Offset to commit: one past the longest finished prefix."""
+        last = None
+        while self.started and self.started[0] in self.done:
+            last = self.started.popleft()
+            self.done.discard(last)
+        return None if last is None else last + 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.started)
+
+
+class RetryTiers(ConsumerRebalanceListener):
+    def __init__(self, settings: Settings, dispatcher: Dispatcher, max_tasks: int = 256) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.delays = dict(zip(settings.tier_topics(), settings.retry_schedule, strict=True))
+        self.index = {t: i for i, t in enumerate(settings.tier_topics())}
+        self.paused: dict[TopicPartition, float] = {}
+        self.offsets: dict[TopicPartition, _Offsets] = {}
+        self.slots = asyncio.Semaphore(max_tasks)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            group_id=f"{self.settings.group_id}.retry",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=500,
+            # A hung endpoint holds a record at most delivery_timeout; keep well inside this.
+            max_poll_interval_ms=300_000,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+        )
+        self.consumer.subscribe(list(self.delays), listener=self)
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run(), name="retry-tiers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._drain(set(self.offsets), timeout=self.settings.delivery_timeout + 2)
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+
+    # ---- rebalance -------------------------------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._drain(set(revoked), timeout=self.settings.delivery_timeout + 2)
+        for tp in revoked:
+            self.paused.pop(tp, None)
+            self.offsets.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        for tp in assigned:
+            self.paused.pop(tp, None)
+
+    async def _drain(self, tps: set[TopicPartition], timeout: float) -> None:
+        """Let in-flight records of these partitions finish, then commit what is finished."""
+        deadline = time.monotonic() + timeout
+        while any(self.offsets.get(tp) and self.offsets[tp].in_flight for tp in tps):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        await self._commit(tps)
+
+    async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
+        assert self.consumer is not None
+        to_commit = {}
+        for tp, offs in self.offsets.items():
+            if tps is not None and tp not in tps:
+                continue
+            nxt = offs.committable()
+            if nxt is not None and nxt != offs.committed:
+                to_commit[tp] = OffsetAndMetadata(nxt, "")
+                offs.committed = nxt
+        if to_commit:
+            try:
+                await self.consumer.commit(to_commit)
+            except Exception as exc:  # rebalancing: the next owner re-reads; duplicates, not loss
+                log.warning("retry tiers: commit failed: %s", exc)
+
+    # ---- main loop -------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        c = self.consumer
+        while True:
+            try:
+                now = time.time()
+                for tp, due in list(self.paused.items()):
+                    if due <= now:
+                        del self.paused[tp]
+                        if tp in c.assignment():
+                            c.resume(tp)
+                wait = min([0.5, *[due - now for due in self.paused.values()]])
+                batches = await c.getmany(timeout_ms=max(10, int(wait * 1000)), max_records=500)
+                now = time.time()
+                for tp, records in batches.items():
+                    if tp in self.paused:
+                        continue
+                    delay = self.delays[tp.topic]
+                    for rec in records:
+                        due = rec.timestamp / 1000.0 + delay
+                        if due > now:
+                            c.seek(tp, rec.offset)
+                            c.pause(tp)
+                            self.paused[tp] = due
+                            break
+                        await self.slots.acquire()
+                        self.offsets.setdefault(tp, _Offsets()).start(rec.offset)
+                        task = asyncio.create_task(self._process(tp, rec))
+                        self.tasks.add(task)
+                        task.add_done_callback(self.tasks.discard)
+                await self._commit()
+                self._update_lag()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retry tiers loop; continuing")
+                await asyncio.sleep(1)
+
+    async def _process(self, tp: TopicPartition, rec: Any) -> None:
+        try:
+            try:
+                delivery = Delivery.decode(rec.value)
+            except Exception as exc:
+                log.error("retry tier %s: unreadable record at %s: %s", tp.topic, rec.offset, exc)
+                await self.dispatcher.park_raw(rec.key, rec.value, f"unreadable: {exc}")
+                return
+            await self.dispatcher.dispatch(delivery, tier=self.index[tp.topic])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The dispatcher handles every outcome; reaching here is a bug. Leave the offset
+            # uncommitted so the record is redelivered after a restart rather than lost.
+            log.exception("retry tier %s offset %s", tp.topic, rec.offset)
+            return
+        finally:
+            self.slots.release()
+        offs = self.offsets.get(tp)
+        if offs is not None:
+            offs.finish(rec.offset)
+
+    def _update_lag(self) -> None:
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is None:
+                continue
+            offs = self.offsets.get(tp)
+            pos = offs.committed if offs and offs.committed is not None else None
+            if pos is not None:
+                metrics.CONSUMER_LAG.labels(topic=tp.topic).set(max(0, hw - pos))

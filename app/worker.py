@@ -1,0 +1,190 @@
+"""`perfex-webhooks worker`: the Faust app that runs fan-out, delivery, retry tiers, admin web, /metrics.
+
+Faust runs the two consumer-group agents (fan-out on `crm.events`, delivery on
+`webhooks.deliveries`) and the changelogged smart table. Both agents run at concurrency=1 (Faust
+#606) and get their parallelism from concurrent HTTP inside the agent, acking each record only when
+its work is safe. The retry tiers use their own aiokafka consumer (pause/seek/resume); the endpoint
+registry is a topic view every worker follows; the admin web is a plain aiohttp app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import faust
+from mode import Service
+
+from app import metrics
+from app.config import Settings
+from app.delivery import Delivery, HttpSender
+from app.dispatch import Dispatcher
+from app.endpoints import Registry
+from app.fanout import FanOut
+from app.outbox import Outbox
+from app.retry import RetryTiers
+from app.topics import spec
+
+log = logging.getLogger("perfex_webhooks")
+
+
+class Components:
+    """Everything a worker owns besides Faust's own agents and table."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.outbox = Outbox(settings)
+        self.sender = HttpSender(settings)
+        self.registry = Registry(settings, on_change=self._count_endpoints)
+        self.dispatcher = Dispatcher(settings, self.registry, self.sender, self.outbox)
+        self.tiers = RetryTiers(settings, self.dispatcher)
+        self.web: Any = None
+        self.faust_app: Any = None
+        self.ready = asyncio.Event()
+
+    def _count_endpoints(self) -> None:
+        eps = self.registry.all()
+        metrics.ENDPOINTS.labels(state="enabled").set(sum(e.enabled for e in eps))
+        metrics.ENDPOINTS.labels(state="disabled").set(sum(not e.enabled for e in eps))
+
+    async def start(self) -> None:
+        await self.outbox.start()
+        await self.sender.start()
+        await self.registry.start()
+        await asyncio.wait_for(self.registry.ready.wait(), 60)
+        await self.tiers.start()
+        from app.web import WebServer
+
+        self.web = WebServer(self.settings, self)
+        await self.web.start()
+        self.ready.set()
+        log.info("worker components ready (%d endpoints)", len(self.registry.all()))
+
+    async def stop(self) -> None:
+        for part in (self.web, self.tiers, self.registry, self.sender, self.outbox):
+            if part is None:
+                continue
+            try:
+                await part.stop()
+            except Exception:
+                log.exception("stopping %s", type(part).__name__)
+
+
+def create_app(settings: Settings) -> tuple[faust.App, Components]:
+    events_spec = spec("crm.events")
+    deliveries_spec = spec("webhooks.deliveries")
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{settings.bootstrap_servers}",
+        store="memory://",
+        autodiscover=False,
+        web_enabled=False,  # the admin web is our own aiohttp app (app/web.py)
+        topic_replication_factor=int(os.environ.get("WEBHOOKS_REPLICATION_FACTOR", "1")),
+        topic_partitions=events_spec.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        stream_buffer_maxsize=4096,
+        datadir=os.path.join(settings.data_dir, settings.group_id),
+        table_standby_replicas=0,
+        # Rebalances wait for in-flight records; those finish within the delivery timeout.
+        broker_rebalance_timeout=max(60.0, settings.delivery_timeout * 4),
+    )
+    comps = Components(settings)
+    os.makedirs(app.conf.datadir, exist_ok=True)
+
+    events_topic = app.topic(
+        settings.topic("crm.events"),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=events_spec.partitions,
+    )
+    deliveries_topic = app.topic(
+        settings.topic("webhooks.deliveries"),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=deliveries_spec.partitions,
+    )
+    pending = app.Table(
+        "smart-pending",
+        default=None,
+        partitions=events_spec.partitions,
+        schema=faust.Schema(key_serializer="json", value_serializer="json"),
+    )
+    fanout = FanOut(settings, comps.registry, comps.dispatcher, comps.outbox, pending)
+
+    @app.agent(events_topic, concurrency=1)
+    async def fan_out(stream: faust.StreamT) -> None:
+        await comps.ready.wait()
+        async for event in stream.noack().events():
+            msg = event.message
+            await fanout.handle(msg.key, msg.value, msg.headers, msg.partition, event.ack)
+
+    @app.agent(deliveries_topic, concurrency=1)
+    async def deliver(stream: faust.StreamT) -> None:
+        await comps.ready.wait()
+        slots = asyncio.Semaphore(settings.max_in_flight * 8)
+        tasks: set[asyncio.Task[None]] = set()
+        async for event in stream.noack().events():
+            await slots.acquire()
+            task = asyncio.ensure_future(_deliver_one(comps.dispatcher, event, slots))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    smart_tick = max(0.02, min(0.25, settings.smart_window / 10))
+
+    @app.timer(smart_tick)
+    async def smart_markers() -> None:
+        if not comps.ready.is_set():
+            return
+        try:
+            active = {
+                tp.partition
+                for tp in app.assignor.assigned_actives()
+                if tp.topic == events_topic.get_topic_name()
+            }
+            await fanout.send_due_markers(active)
+        except Exception:
+            log.exception("smart timer")
+
+    class ComponentsService(Service):
+        async def on_start(self) -> None:
+            await comps.start()
+
+        async def on_stop(self) -> None:
+            await comps.stop()
+
+    app.service(ComponentsService)
+    comps.faust_app = app
+    app.fanout = fanout  # type: ignore[attr-defined]
+    return app, comps
+
+
+async def _deliver_one(dispatcher: Dispatcher, event: Any, slots: asyncio.Semaphore) -> None:
+    try:
+        try:
+            d = Delivery.decode(event.message.value)
+        except Exception as exc:
+            await dispatcher.park_raw(event.message.key, event.message.value, f"unreadable: {exc}")
+        else:
+            await dispatcher.dispatch(d)
+        event.ack()
+    except Exception:
+        # Left unacked: redelivered after a restart or rebalance, never skipped.
+        log.exception("delivery failed unexpectedly; record left unacked")
+    finally:
+        slots.release()
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    from faust.worker import Worker
+
+    app, _ = create_app(settings)
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -1,0 +1,126 @@
+"""A real HTTP receiver for tests: an aiohttp server in a background thread that records requests.
+
+Each path can be given a behaviour: a callable (n-th request to that path, 1-based) -> Reply.
+Reply can ask for a status, extra headers, a delay, a hang (never answers), or a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    hang: bool = False
+    drop: bool = False
+    body: bytes = b"ok"
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+    status: int
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers.items():
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.behaviours: dict[str, Callable[[int], Reply]] = {}
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def on(self, path: str, behaviour: Callable[[int], Reply]) -> None:
+        self.behaviours[path] = behaviour
+
+    def received(self, path: str | None = None) -> list[Received]:
+        with self._lock:
+            return [r for r in self.requests if path is None or r.path == path]
+
+    def wait_for(self, count: int, path: str | None = None, timeout: float = 30.0) -> list[Received]:
+        """Poll until at least `count` requests (2xx or not) reached `path`, or fail with what came."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.received(path)
+            if len(got) >= count:
+                return got
+            time.sleep(0.02)
+        got = self.received(path)
+        raise AssertionError(f"expected {count} requests on {path or 'any path'}, got {len(got)}")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        path = request.path
+        with self._lock:
+            n = self._counts[path] = self._counts.get(path, 0) + 1
+        reply = self.behaviours.get(path, lambda _n: Reply())(n)
+        with self._lock:
+            self.requests.append(Received(path, dict(request.headers), body, time.time(), reply.status))
+        if reply.hang:
+            await asyncio.sleep(3600)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
+
+    def start(self) -> Receiver:
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application(client_max_size=16 * 1024 * 1024)
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            self._runner = runner
+            self._started.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="receiver")
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
