@@ -337,5 +337,122 @@ def endpoints_rotate(endpoint_id: str, grace: str, as_json: bool) -> None:
             click.echo(f"the previous secret stays valid for {grace}")
 
 
+# ---- dlq ----------------------------------------------------------------------------------------
+@main.group()
+def dlq() -> None:
+    """Dead-letter queue: list and replay deliveries that exhausted their retries."""
+
+
+def _time_opt(value: str | None, name: str) -> float | None:
+    if not value:
+        return None
+    from app.events import parse_rfc3339
+
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else parse_rfc3339(value)
+    except Exception as exc:
+        raise UserError(f"{name}: {value!r} is not a unix time or RFC 3339 timestamp") from exc
+
+
+def _dlq_filter(endpoint: str | None, event: str | None, since: str | None, until: str | None) -> Any:
+    from app.dlq import Filter
+
+    return Filter(
+        endpoint=endpoint, event=event, since=_time_opt(since, "--since"), until=_time_opt(until, "--until")
+    )
+
+
+@dlq.command("list")
+@click.option("--endpoint", help="only this endpoint id")
+@click.option("--event", help="only this event name or pattern")
+@click.option("--since", help="dead at or after (unix time or RFC 3339)")
+@click.option("--until", help="dead before (unix time or RFC 3339)")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def dlq_list(
+    endpoint: str | None, event: str | None, since: str | None, until: str | None, as_json: bool
+) -> None:
+    """List DLQ entries with their history."""
+    from app.dlq import read_view, select, summary
+    from app.events import now_rfc3339
+
+    try:
+        entries = select(read_view(settings()), _dlq_filter(endpoint, event, since, until))
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from exc
+    if as_json:
+        print_json([summary(e) for e in entries])
+        return
+    if not entries:
+        click.echo("DLQ is empty" + (" for this filter" if endpoint or event or since or until else ""))
+        return
+    for e in entries:
+        s = summary(e)
+        click.echo(
+            f"{s['delivery_id']}  {s['endpoint_id']}  {s['event']:<28} {s['reason']:<18} "
+            f"attempts={s['attempts']} last={s['last_status'] or s['last_error']}  "
+            f"dead_at={now_rfc3339(float(s['dead_at'] or 0))}"
+        )
+    click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+
+
+@dlq.command("replay")
+@click.option("--delivery-id", help="replay this one delivery")
+@click.option("--all", "replay_all", is_flag=True, help="replay every entry matching the filters")
+@click.option("--endpoint", help="only this endpoint id")
+@click.option("--event", help="only this event name or pattern")
+@click.option("--since", help="dead at or after (unix time or RFC 3339)")
+@click.option("--until", help="dead before (unix time or RFC 3339)")
+@click.option("--dry-run", is_flag=True, help="show what would be replayed; change nothing")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def dlq_replay(
+    delivery_id: str | None,
+    replay_all: bool,
+    endpoint: str | None,
+    event: str | None,
+    since: str | None,
+    until: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Re-publish DLQ entries to webhooks.deliveries (same delivery id) and remove them from the DLQ."""
+    from rich.progress import Progress
+
+    from app.dlq import read_view, replay, select, summary
+
+    if bool(delivery_id) == bool(replay_all):
+        raise UserError("give exactly one of --delivery-id ID or --all")
+    s = settings()
+    try:
+        view = read_view(s)
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from exc
+    if delivery_id:
+        if delivery_id not in view:
+            raise UserError(f"no DLQ entry {delivery_id} (already replayed, or never dead)")
+        entries = [view[delivery_id]]
+    else:
+        entries = select(view, _dlq_filter(endpoint, event, since, until))
+    if dry_run:
+        if as_json:
+            print_json({"dry_run": True, "would_replay": [summary(e)["delivery_id"] for e in entries]})
+        else:
+            for e in entries:
+                click.echo(f"would replay {e['id']}  {e.get('endpoint_id')}  {e.get('event')}")
+            click.echo(f"{len(entries)} would be replayed (dry run: nothing changed)")
+        return
+    if len(entries) > 1 and not as_json and sys.stderr.isatty():
+        with Progress(transient=True) as bar:
+            task = bar.add_task("replaying", total=len(entries))
+            n = replay(s, entries, progress=lambda k: bar.advance(task, k))
+    else:
+        n = replay(s, entries)
+    if as_json:
+        print_json({"replayed": n, "delivery_ids": [e["id"] for e in entries]})
+    else:
+        click.echo(f"replayed {n} deliver{'y' if n == 1 else 'ies'}")
+
+
 if __name__ == "__main__":
     main()

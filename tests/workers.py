@@ -53,7 +53,7 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> WorkerProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker", "--loglevel", "info"],
             env=self.env,
