@@ -1,0 +1,182 @@
+"""Delivery core against the real broker and a real HTTP receiver: immediate, smart, async, bad input."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from app.config import Settings
+from app.endpoints import TOPIC, Endpoint, create_endpoint
+from app.producer import Producer
+from app.signing import verify, verify_hex, verify_standard
+from tests.receiver import Receiver
+
+pytestmark = pytest.mark.kafka
+
+
+def register(settings: Settings, receiver: Receiver, path: str, events: str, mode: str) -> Endpoint:
+    ep = create_endpoint(settings, url=receiver.url(path), events=events, mode=mode)
+    with Producer(settings) as p:
+        p.send(TOPIC, ep.id, ep.record())
+    return ep
+
+
+def test_immediate_signed_delivery_to_matching_endpoints_only(settings, receiver, workers) -> None:
+    a = register(settings, receiver, "/a", "invoice.*", "immediate")
+    b = register(settings, receiver, "/b", "invoice.paid,lead.created", "immediate")
+    c = register(settings, receiver, "/c", "lead.*", "immediate")
+    workers()
+    with Producer(settings) as p:
+        sent = p.emit(
+            "invoice.paid",
+            "19",
+            {"id": "19", "status": "2", "total": "21.80", "note": "Zürich/€"},
+            {"status": "3"},
+        )
+    got = receiver.wait_for(2, timeout=30)
+    time.sleep(0.5)  # a third (wrong) request would arrive with the first two; make sure none did
+    got = receiver.received()
+    assert sorted(r.path for r in got) == ["/a", "/b"]
+    ids = set()
+    for r in got:
+        ep = a if r.path == "/a" else b
+        body = r.body
+        verify(body, r.headers, [ep.secret])  # Standard Webhooks path
+        assert verify_hex(body, r.header("X-PerfexAPI-Signature") or "", [ep.secret])
+        assert r.header("X-Webhook-Signature") == r.header("X-PerfexAPI-Signature")
+        assert verify_standard(
+            body,
+            r.header("webhook-id") or "",
+            r.header("webhook-timestamp") or "",
+            r.header("webhook-signature") or "",
+            [ep.secret],
+        )
+        assert not verify_hex(body, r.header("X-PerfexAPI-Signature") or "", [c.secret])
+        doc = orjson.loads(body)
+        assert doc["event"] == "invoice.paid" and doc["event_id"] == sent["id"]
+        assert doc["data"]["note"] == "Zürich/€" and doc["previous"] == {"status": "3"}
+        assert "collapsed" not in doc
+        assert r.header("X-PerfexAPI-Delivery") == doc["id"] == r.header("webhook-id")
+        assert r.header("X-PerfexAPI-Event") == "invoice.paid"
+        assert r.header("X-PerfexAPI-Attempt") == "1"
+        assert r.header("X-PerfexAPI-Timestamp") == str(doc["timestamp"])
+        assert r.header("Content-Type") == "application/json"
+        assert (r.header("User-Agent") or "").startswith("perfex-webhooks/")
+        ids.add(doc["id"])
+    assert len(ids) == 2  # one delivery id per (event, endpoint)
+
+
+def test_smart_collapses_a_burst_per_resource(settings, receiver, workers) -> None:
+    window = 0.5
+    register(settings, receiver, "/s", "invoice.*", "smart")
+    workers(WEBHOOKS_SMART_WINDOW=f"{int(window * 1000)}ms", WEBHOOKS_SMART_MAX_WAIT="30s")
+    with Producer(settings) as p:
+        # Ten saves of invoice 1, 100 ms apart, interleaved with five of invoice 2.
+        for i in range(10):
+            p.emit("invoice.updated", "1", {"id": "1", "n": str(i)})
+            if i % 2 == 0:
+                p.emit("invoice.updated", "2", {"id": "2", "n": str(i)})
+            last_sent = time.time()
+            time.sleep(0.1)
+    got = receiver.wait_for(2, "/s", timeout=30)
+    time.sleep(window * 3)  # nothing more may follow
+    got = receiver.received("/s")
+    assert len(got) == 2
+    by_resource = {r.json["data"]["id"]: r for r in got}
+    one, two = by_resource["1"].json, by_resource["2"].json
+    assert one["collapsed"] == 10 and one["data"]["n"] == "9"
+    assert two["collapsed"] == 5 and two["data"]["n"] == "8"
+    # Delivered one window after the last event of the burst, not before.
+    assert by_resource["1"].at >= last_sent - 0.1 + window - 0.05
+
+
+def test_smart_max_wait_delivers_a_resource_that_keeps_changing(settings, receiver, workers) -> None:
+    register(settings, receiver, "/s", "lead.*", "smart")
+    workers(WEBHOOKS_SMART_WINDOW="400ms", WEBHOOKS_SMART_MAX_WAIT="1s")
+    started = time.time()
+    n = 0
+    with Producer(settings) as p:
+        while time.time() - started < 3.0:  # saves every 100 ms for 3 s: never quiet for a window
+            p.emit("lead.updated", "7", {"id": "7", "n": str(n)})
+            n += 1
+            time.sleep(0.1)
+    # Deliveries arrived while the burst went on, and together they carry every event.
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline and sum(r.json.get("collapsed", 1) for r in receiver.received("/s")) < n
+    ):
+        time.sleep(0.05)
+    got = receiver.received("/s")
+    during = [r for r in got if r.at < started + 3.0]
+    assert len(during) >= 2, [r.at - started for r in got]
+    assert sum(r.json.get("collapsed", 1) for r in got) == n
+    assert got[-1].json["data"]["n"] == str(n - 1)
+
+
+def test_smart_pending_item_survives_a_worker_restart(settings, receiver, workers) -> None:
+    register(settings, receiver, "/s", "ticket.*", "smart")
+    env = {"WEBHOOKS_SMART_WINDOW": "3s"}
+    w = workers(**env)
+    with Producer(settings) as p:
+        for i in range(3):
+            p.emit("ticket.updated", "5", {"id": "5", "n": str(i)})
+    # Wait until the worker consumed the three events (the metric counts them), then stop it
+    # well inside the window.
+    deadline = time.monotonic() + 15
+    while 'webhooks_events_consumed_total{event="ticket.updated"} 3.0' not in w.metrics():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    w.stop()
+    assert receiver.received("/s") == []
+    workers(name="worker2", **env)
+    got = receiver.wait_for(1, "/s", timeout=30)
+    time.sleep(1)
+    got = receiver.received("/s")
+    assert len(got) == 1
+    assert got[0].json["collapsed"] == 3 and got[0].json["data"]["n"] == "2"
+
+
+def test_async_thousand_events_all_delivered_once_signed(settings, receiver, workers) -> None:
+    ep = register(settings, receiver, "/q", "customer.*", "async")
+    workers()
+    n = 1000
+    with Producer(settings) as p:
+        expected = {p.emit("customer.updated", str(i), {"id": str(i)}, flush=False)["id"] for i in range(n)}
+    receiver.wait_for(n, "/q", timeout=120)
+    got = receiver.received("/q")
+    delivery_ids = {r.header("X-PerfexAPI-Delivery") for r in got}
+    event_ids = {r.json["event_id"] for r in got}
+    assert event_ids == expected
+    assert len(delivery_ids) == n
+    for r in got:
+        assert verify_hex(r.body, r.header("X-PerfexAPI-Signature") or "", [ep.secret])
+
+
+def test_bad_input_is_parked_and_good_events_around_it_delivered(settings, receiver, workers) -> None:
+    register(settings, receiver, "/g", "invoice.*", "immediate")
+    workers()
+    with Producer(settings) as p:
+        p.emit("invoice.created", "1", {"id": "1"}, flush=False)
+        p.send("crm.events", "invoice:2", b"{not json")
+        p.send(
+            "crm.events",
+            "invoice:3",
+            {
+                "id": "e3",
+                "event": "invoice.nosuch",
+                "occurred_at": "2026-11-27T10:00:00Z",
+                "resource_id": "3",
+                "data": {},
+            },
+        )
+        p.send("crm.events", "invoice:4", {"event": "invoice.paid", "resource_id": "4", "data": {}})
+        p.emit("invoice.paid", "5", {"id": "5"})
+    got = receiver.wait_for(2, "/g", timeout=30)
+    assert sorted(r.json["data"]["id"] for r in got) == ["1", "5"]
+    from tests.test_foundation import read_all
+
+    invalid = read_all(settings, "crm.events.invalid", 3)
+    reasons = sorted(orjson.loads(m.value())["reason"] for m in invalid)
+    assert reasons == ["missing_field", "not_json", "unknown_event"]

@@ -1,0 +1,199 @@
+"""Retry tiers, dead-letter topic and replay, against the real broker (compressed schedules)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from app.cli import main
+from app.config import Settings
+from app.dlq import read_view
+from app.endpoints import read_endpoints
+from app.producer import Producer
+from tests.receiver import Reply
+from tests.test_delivery import register
+
+pytestmark = pytest.mark.kafka
+
+FAST = ",".join(["300ms"] * 8)
+
+
+def wait_dlq(settings: Settings, count: int, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = read_view(settings)
+        if len(view) >= count or time.monotonic() > deadline:
+            return view
+        time.sleep(0.2)
+
+
+def cli(settings: Settings, *args: str):
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "WEBHOOKS_TOPIC_PREFIX": settings.topic_prefix,
+    }
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_fails_three_times_then_succeeds_with_same_id_and_attempt_numbers(
+    settings, receiver, workers
+) -> None:
+    register(settings, receiver, "/r", "invoice.*", "async")
+    receiver.on("/r", lambda n: Reply(500) if n <= 3 else Reply(200))
+    workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
+    with Producer(settings) as p:
+        p.emit("invoice.paid", "1", {"id": "1"})
+    got = receiver.wait_for(4, "/r", timeout=30)
+    time.sleep(1.0)  # a fifth attempt would come 300 ms after the fourth
+    got = receiver.received("/r")
+    assert [r.header("X-PerfexAPI-Attempt") for r in got] == ["1", "2", "3", "4"]
+    assert len({r.header("X-PerfexAPI-Delivery") for r in got}) == 1
+    for before, after in itertools.pairwise(got):
+        assert after.at - before.at >= 0.3 - 0.02  # never earlier than the tier delay
+    assert read_view(settings) == {}
+
+
+def test_always_failing_endpoint_gets_nine_attempts_then_dlq(settings, receiver, workers) -> None:
+    ep = register(settings, receiver, "/f", "lead.*", "immediate")
+    receiver.on("/f", lambda n: Reply(503, body=b"down"))
+    workers(WEBHOOKS_RETRY_SCHEDULE=",".join(["100ms"] * 8))
+    with Producer(settings) as p:
+        p.emit("lead.created", "9", {"id": "9", "name": "Ada"})
+    view = wait_dlq(settings, 1)
+    assert len(view) == 1
+    entry = next(iter(view.values()))
+    assert len(receiver.received("/f")) == 9
+    assert [r.header("X-PerfexAPI-Attempt") for r in receiver.received("/f")] == [
+        str(i) for i in range(1, 10)
+    ]
+    assert entry["dlq_reason"] == "retries_exhausted"
+    assert entry["endpoint_id"] == ep.id and entry["event"] == "lead.created"
+    assert entry["id"] == receiver.received("/f")[0].header("X-PerfexAPI-Delivery")
+    assert len(entry["attempts"]) == 9
+    assert all(a["status"] == 503 and a["outcome"] == "http_error" for a in entry["attempts"])
+    assert all(a["at"] > 0 and a["latency_ms"] >= 0 for a in entry["attempts"])
+    assert ep.secret not in orjson.dumps(entry).decode()
+    time.sleep(0.5)
+    assert len(receiver.received("/f")) == 9
+
+
+def test_retry_after_is_honoured(settings, receiver, workers) -> None:
+    register(settings, receiver, "/t", "task.*", "async")
+    receiver.on("/t", lambda n: Reply(429, headers={"Retry-After": "2"}) if n == 1 else Reply(200))
+    workers(WEBHOOKS_RETRY_SCHEDULE=",".join(["200ms"] * 8))
+    with Producer(settings) as p:
+        p.emit("task.created", "3", {"id": "3"})
+    got = receiver.wait_for(2, "/t", timeout=30)
+    assert got[1].at - got[0].at >= 2.0 - 0.05
+    assert got[1].header("X-PerfexAPI-Attempt") == "2"
+
+
+def test_410_disables_endpoint_and_parks_at_once(settings, receiver, workers) -> None:
+    ep = register(settings, receiver, "/gone", "ticket.*", "immediate")
+    receiver.on("/gone", lambda n: Reply(410))
+    workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
+    with Producer(settings) as p:
+        p.emit("ticket.created", "1", {"id": "1"})
+    view = wait_dlq(settings, 1)
+    assert [e["dlq_reason"] for e in view.values()] == ["gone"]
+    assert len(receiver.received("/gone")) == 1
+    deadline = time.monotonic() + 10
+    while read_endpoints(settings)[ep.id].enabled:
+        assert time.monotonic() < deadline, "endpoint still enabled after a 410"
+        time.sleep(0.2)
+    assert "410" in (read_endpoints(settings)[ep.id].disabled_reason or "")
+    # Later events for the disabled endpoint are not sent to it.
+    with Producer(settings) as p:
+        p.emit("ticket.updated", "1", {"id": "1"})
+    time.sleep(1.0)
+    assert len(receiver.received("/gone")) == 1
+
+
+def test_disabled_endpoint_deliveries_go_to_dlq_not_nowhere(settings, receiver, workers) -> None:
+    ep = register(settings, receiver, "/d", "invoice.*", "async")
+    receiver.on("/d", lambda n: Reply(500))
+    workers(WEBHOOKS_RETRY_SCHEDULE="2s")
+    with Producer(settings) as p:
+        p.emit("invoice.sent", "4", {"id": "4"})
+    receiver.wait_for(1, "/d")
+    assert cli(settings, "endpoints", "disable", ep.id).exit_code == 0
+    view = wait_dlq(settings, 1)
+    assert [e["dlq_reason"] for e in view.values()] == ["endpoint_disabled"]
+    assert len(receiver.received("/d")) == 1
+
+
+def test_replay_after_recovery_delivers_each_once_and_empties_dlq(settings, receiver, workers) -> None:
+    healthy = {"on": False}
+    register(settings, receiver, "/p", "payment.*", "async")
+    receiver.on("/p", lambda n: Reply(200) if healthy["on"] else Reply(500))
+    workers(WEBHOOKS_RETRY_SCHEDULE="100ms")  # one retry, then the DLQ
+    with Producer(settings) as p:
+        for i in range(5):
+            p.emit("payment.received", str(i), {"id": str(i)}, flush=False)
+    view = wait_dlq(settings, 5)
+    assert len(view) == 5
+    failed = len(receiver.received("/p"))
+    assert failed == 10
+
+    res = cli(settings, "dlq", "list", "--json")
+    assert res.exit_code == 0 and len(orjson.loads(res.output)) == 5
+
+    res = cli(settings, "dlq", "replay", "--all", "--dry-run")
+    assert res.exit_code == 0 and "5 would be replayed" in res.output
+    time.sleep(0.5)
+    assert len(read_view(settings)) == 5 and len(receiver.received("/p")) == failed
+
+    healthy["on"] = True
+    res = cli(settings, "dlq", "replay", "--all")
+    assert res.exit_code == 0, res.output
+    assert "replayed 5" in res.output
+    receiver.wait_for(failed + 5, "/p", timeout=30)
+    res = cli(settings, "dlq", "replay", "--all")  # a second replay finds nothing
+    assert "replayed 0" in res.output
+    time.sleep(1.0)
+    replayed = receiver.received("/p")[failed:]
+    assert len(replayed) == 5
+    assert {r.header("X-PerfexAPI-Delivery") for r in replayed} == set(view)
+    assert all(r.header("X-PerfexAPI-Attempt") == "3" for r in replayed)
+    assert read_view(settings) == {}
+    assert "DLQ is empty" in cli(settings, "dlq", "list").output
+
+
+def test_replay_one_and_bad_arguments(settings, receiver, workers) -> None:
+    register(settings, receiver, "/o", "expense.*", "async")
+    receiver.on("/o", lambda n: Reply(500) if n <= 2 else Reply(200))
+    workers(WEBHOOKS_RETRY_SCHEDULE="100ms")
+    with Producer(settings) as p:
+        p.emit("expense.created", "1", {"id": "1"})
+    view = wait_dlq(settings, 1)
+    (dlv,) = view
+    assert cli(settings, "dlq", "replay").exit_code != 0  # neither --delivery-id nor --all
+    assert cli(settings, "dlq", "replay", "--delivery-id", "dlv_nope").exit_code != 0
+    res = cli(settings, "dlq", "replay", "--delivery-id", dlv)
+    assert res.exit_code == 0 and "replayed 1" in res.output
+    got = receiver.wait_for(3, "/o")
+    assert got[-1].header("X-PerfexAPI-Delivery") == dlv
+    assert read_view(settings) == {}
+
+
+def test_records_waiting_in_a_tier_survive_a_worker_restart(settings, receiver, workers) -> None:
+    register(settings, receiver, "/w", "contract.*", "async")
+    receiver.on("/w", lambda n: Reply(500) if n == 1 else Reply(200))
+    env = {"WEBHOOKS_RETRY_SCHEDULE": "4s"}
+    w = workers(**env)
+    with Producer(settings) as p:
+        for i in range(3):
+            p.emit("contract.signed", str(i), {"id": str(i)}, flush=False)
+    receiver.on("/w", lambda n: Reply(500) if n <= 3 else Reply(200))
+    receiver.wait_for(3, "/w")
+    w.stop()  # the three retries wait in the 4 s tier
+    assert len(receiver.received("/w")) == 3
+    workers(name="worker2", **env)
+    got = receiver.wait_for(6, "/w", timeout=30)
+    retried = got[3:]
+    assert sorted(r.json["data"]["id"] for r in retried) == ["0", "1", "2"]
+    assert all(r.header("X-PerfexAPI-Attempt") == "2" for r in retried)
