@@ -89,6 +89,25 @@ def read_table(settings: Settings, topic: str, timeout: float = 15.0) -> dict[st
         c.close()
 
 
+async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> list[Any]:
+    """All partitions of `topic` as aiokafka TopicPartitions, for a consumer that assigns them itself.
+
+    A topic created moments ago may be missing from the client's first metadata, and the next
+    routine refresh is minutes away, so ask again until it shows up (or the deadline passes).
+    """
+    from aiokafka import TopicPartition
+
+    deadline = time.monotonic() + timeout
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic} does not exist; run `perfex-webhooks topics apply`")
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+
+
 class TopicTable:
     """Follows a keyed topic from the beginning in the background; `ready` is set once caught up."""
 
@@ -115,7 +134,6 @@ class TopicTable:
 
         # No consumer group: every worker reads every partition, from the beginning.
         self._consumer = AIOKafkaConsumer(
-            self.topic,
             bootstrap_servers=self.settings.bootstrap_servers,
             enable_auto_commit=False,
             group_id=None,
@@ -123,14 +141,13 @@ class TopicTable:
             fetch_max_wait_ms=200,
         )
         await self._consumer.start()
-        for _ in range(40):
-            if self._consumer.assignment():
-                break
-            await asyncio.sleep(0.25)
-        if not self._consumer.assignment():
+        try:
+            tps = await topic_partitions(self._consumer, self.topic)
+        except RuntimeError:
             await self._consumer.stop()
-            raise RuntimeError(f"topic {self.topic} does not exist; run `perfex-webhooks topics apply`")
-        tps = sorted(self._consumer.assignment())
+            raise
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
         self._tps = tps
         self._ends = {tp.partition: off for tp, off in (await self._consumer.end_offsets(tps)).items()}
         if all(v == 0 for v in self._ends.values()):
