@@ -1,0 +1,101 @@
+"""Unit tests of the pure pieces: tier choice, offset bookkeeping, smart due times, Retry-After, config."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from app.config import ConfigError, Settings, format_duration, parse_duration
+from app.delivery import Attempt, Delivery, parse_retry_after
+from app.events import ChangeEvent
+from app.retry import DLQ, _Offsets, next_hop
+from app.smart import add_event, due_at, event_of
+
+
+def delivery(failures: int) -> Delivery:
+    return Delivery(
+        id="dlv_x",
+        endpoint_id="ep_x",
+        event="invoice.paid",
+        event_id="evt_x",
+        occurred_at="2026-11-27T10:00:00.000Z",
+        occurred_ts=0.0,
+        resource_key="invoice:1",
+        data={"id": "1"},
+        failures=failures,
+    )
+
+
+def attempt(outcome: str) -> Attempt:
+    return Attempt(number=1, at=0.0, outcome=outcome, status=None, latency_ms=1.0)
+
+
+def test_next_hop_walks_the_eight_tiers_then_the_dlq() -> None:
+    s = Settings()
+    hops = [next_hop(s, delivery(n), attempt("http_error")) for n in range(1, 10)]
+    assert [h[0] for h in hops[:8]] == [f"webhooks.retry.{x}" for x in "30s 1m 5m 15m 1h 6h 12h 24h".split()]
+    assert hops[8] == (DLQ, None)
+    assert next_hop(s, delivery(1), attempt("gone")) == (DLQ, None)
+    assert next_hop(s, delivery(0), None)[1] == 0  # deferred without an attempt: first tier
+
+
+def test_shorter_schedule_uses_the_first_tiers() -> None:
+    s = Settings.from_env({"WEBHOOKS_RETRY_SCHEDULE": "100ms,200ms"})
+    assert s.retry_schedule == (0.1, 0.2)
+    assert next_hop(s, delivery(2), attempt("timeout")) == ("webhooks.retry.1m", 1)
+    assert next_hop(s, delivery(3), attempt("timeout")) == (DLQ, None)
+
+
+def test_offsets_commit_only_the_finished_prefix() -> None:
+    o = _Offsets()
+    for off in (10, 11, 12):
+        o.start(off)
+    o.finish(11)
+    assert o.committable() is None  # 10 still in flight
+    o.finish(10)
+    assert o.committable() == 12
+    o.finish(12)
+    assert o.committable() == 13 and o.in_flight == 0
+
+
+def test_smart_due_time_is_window_after_last_or_max_wait_after_first() -> None:
+    ev = ChangeEvent(
+        "evt_1", "invoice.updated", "2026-11-27T10:00:00Z", 0.0, "invoice", "1", {"id": "1"}, None
+    )
+    e = add_event(None, ev, now=100.0, partition=3)
+    e = add_event(e, ev, now=101.0, partition=3)
+    assert e["count"] == 2 and e["first"] == 100.0 and e["last"] == 101.0 and e["p"] == 3
+    assert due_at(e, window=2.0, max_wait=30.0) == 103.0
+    assert due_at(e, window=2.0, max_wait=1.5) == 101.5
+    assert event_of(e) == ev
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("2", now=0) == 2.0
+    assert parse_retry_after("999999", now=0) == 86400.0
+    when = email.utils.formatdate(1_000_060, usegmt=True)
+    assert parse_retry_after(when, now=1_000_000) == pytest.approx(60, abs=1)
+    assert parse_retry_after("soon", now=0) is None and parse_retry_after(None, now=0) is None
+
+
+def test_durations_and_config_errors() -> None:
+    assert parse_duration("200ms") == 0.2 and parse_duration("1h") == 3600 and parse_duration("3") == 3
+    assert format_duration(0.2) == "200ms" and format_duration(60) == "1m" and format_duration(86400) == "1d"
+    with pytest.raises(ConfigError, match="WEBHOOKS_SMART_WINDOW"):
+        Settings.from_env({"WEBHOOKS_SMART_WINDOW": "soon"})
+    with pytest.raises(ConfigError, match="1 to 8"):
+        Settings.from_env({"WEBHOOKS_RETRY_SCHEDULE": ",".join(["1s"] * 9)})
+
+
+def test_delivery_body_is_the_documented_shape() -> None:
+    d = delivery(0)
+    d.previous = {"status": "3"}
+    d.collapsed = 3
+    assert d.body(1764237600) == (
+        b'{"id":"dlv_x","event":"invoice.paid","event_id":"evt_x","timestamp":1764237600,'
+        b'"occurred_at":"2026-11-27T10:00:00.000Z","data":{"id":"1"},"previous":{"status":"3"},"collapsed":3}'
+    )
+    d.collapsed = 1  # a smart delivery of a single event carries no `collapsed`
+    assert b"collapsed" not in d.body(0)
+    assert Delivery.decode(d.encode()) == d
