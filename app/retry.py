@@ -91,6 +91,8 @@ class RetryTiers(ConsumerRebalanceListener):
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._lag_at = 0.0
+        self._lag_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.consumer = AIOKafkaConsumer(
@@ -216,12 +218,39 @@ class RetryTiers(ConsumerRebalanceListener):
             offs.finish(rec.offset)
 
     def _update_lag(self) -> None:
+        """Refresh webhooks_consumer_lag for the tier topics at most once a second, off the poll loop."""
+        now = time.monotonic()
+        if now - self._lag_at < 1.0 or (self._lag_task is not None and not self._lag_task.done()):
+            return
+        self._lag_at = now
+        self._lag_task = asyncio.create_task(self._refresh_lag(), name="retry-tiers-lag")
+
+    async def _refresh_lag(self) -> None:
+        """Lag = end offset - committed offset (the fetch position where this worker has not committed
+        yet), summed per topic over this worker's partitions; records waiting out their delay count.
+        End offsets come from the broker because a paused partition's fetch highwater goes stale.
+        Topics with no partition here read 0, so a revoked partition is not reported twice.
+        """
         assert self.consumer is not None
-        for tp in self.consumer.assignment():
-            hw = self.consumer.highwater(tp)
-            if hw is None:
+        c = self.consumer
+        tps = list(c.assignment())
+        totals = dict.fromkeys(self.delays, 0)
+        try:
+            ends = await asyncio.wait_for(c.end_offsets(tps), 2.0) if tps else {}
+        except Exception as exc:  # broker busy or rebalancing: keep the last values
+            log.debug("retry tiers lag: %s", exc)
+            return
+        for tp in tps:
+            hw = ends.get(tp)
+            if hw is None or tp not in c.assignment():
                 continue
             offs = self.offsets.get(tp)
             pos = offs.committed if offs and offs.committed is not None else None
-            if pos is not None:
-                metrics.CONSUMER_LAG.labels(topic=tp.topic).set(max(0, hw - pos))
+            if pos is None:
+                try:
+                    pos = await asyncio.wait_for(c.position(tp), 0.5)
+                except Exception:
+                    continue
+            totals[tp.topic] = totals.get(tp.topic, 0) + max(0, hw - pos)
+        for topic, lag in totals.items():
+            metrics.CONSUMER_LAG.labels(topic=topic.removeprefix(self.settings.topic_prefix)).set(lag)

@@ -17,7 +17,7 @@ from typing import Any
 import faust
 from mode import Service
 
-from app import metrics
+from app import metrics, observe
 from app.config import Settings
 from app.delivery import Delivery, HttpSender
 from app.dispatch import Dispatcher
@@ -162,6 +162,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
             await comps.stop()
 
     app.service(ComponentsService)
+    observe.install(app, comps)  # DLQ view (comps.dlq_view), webhooks_dlq_size, Faust consumer lag
     comps.faust_app = app
     app.fanout = fanout  # type: ignore[attr-defined]
     return app, comps
