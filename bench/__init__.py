@@ -1,0 +1,1 @@
+"""Benchmarks of perfex-webhooks (not part of the test suite; results in docs/performance.md)."""
