@@ -27,12 +27,9 @@ class WebServer:
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/ready", self.ready)
-        try:
-            from app.admin import install
-        except ImportError:
-            log.warning("admin API not available in this build")
-        else:
-            install(self.app, settings, components)
+        from app.admin import install
+
+        install(self.app, settings, components)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

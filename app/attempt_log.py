@@ -1,0 +1,158 @@
+"""Recent delivery attempts, for the admin API and page: a bounded follower of `webhooks.attempts`.
+
+`webhooks.attempts` is a plain (not compacted) log keyed by endpoint id, so it cannot be read whole
+the way the registry and the DLQ are. Every worker instead reads the last `per_partition` records
+of each partition at start and then follows the topic, keeping bounded deques: the newest attempts
+overall, per endpoint and per delivery id. No consumer group: every worker sees every partition,
+so any worker gives the same answers. One endpoint's attempts share a partition (the key), so its
+failure streak is counted in the order the attempts happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from typing import Any
+
+import orjson
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+TOPIC = "webhooks.attempts"
+
+
+class AttemptLog:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        per_partition: int = 2000,
+        per_endpoint: int = 200,
+        deliveries: int = 10_000,
+        per_delivery: int = 50,
+        recent: int = 1000,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.topic(TOPIC)
+        self.per_partition = per_partition
+        self.per_endpoint = per_endpoint
+        self.max_deliveries = deliveries
+        self.per_delivery = per_delivery
+        self.ready = asyncio.Event()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self._by_endpoint: dict[str, deque[dict[str, Any]]] = {}
+        self._by_delivery: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._streak: dict[str, int] = {}
+        self._consumer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._ends: dict[Any, int] = {}
+
+    # ---- in-memory view ---------------------------------------------------------------------------
+    def add(self, rec: dict[str, Any]) -> None:
+        ep = str(rec.get("endpoint_id") or "")
+        dlv = str(rec.get("delivery_id") or "")
+        if not ep or not dlv:
+            return
+        self._recent.append(rec)
+        per_ep = self._by_endpoint.get(ep)
+        if per_ep is None:
+            per_ep = self._by_endpoint[ep] = deque(maxlen=self.per_endpoint)
+        per_ep.append(rec)
+        per_dlv = self._by_delivery.get(dlv)
+        if per_dlv is None:
+            per_dlv = self._by_delivery[dlv] = deque(maxlen=self.per_delivery)
+            while len(self._by_delivery) > self.max_deliveries:
+                self._by_delivery.popitem(last=False)
+        else:
+            self._by_delivery.move_to_end(dlv)
+        per_dlv.append(rec)
+        self._streak[ep] = 0 if rec.get("outcome") == "success" else self._streak.get(ep, 0) + 1
+
+    def recent(self, limit: int = 100, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Newest first."""
+        source = self._recent if endpoint is None else self._by_endpoint.get(endpoint, ())
+        rows = sorted(source, key=lambda r: float(r.get("at") or 0), reverse=True)
+        return rows[:limit]
+
+    def for_delivery(self, delivery_id: str) -> list[dict[str, Any]]:
+        """In the order they happened."""
+        return sorted(self._by_delivery.get(delivery_id, ()), key=lambda r: float(r.get("at") or 0))
+
+    def streak(self, endpoint_id: str) -> int:
+        """Failed attempts in a row since the endpoint's last success (within what this log holds)."""
+        return self._streak.get(endpoint_id, 0)
+
+    def last(self, endpoint_id: str) -> dict[str, Any] | None:
+        rows = self._by_endpoint.get(endpoint_id)
+        return rows[-1] if rows else None
+
+    def knows_endpoint(self, endpoint_id: str) -> bool:
+        return endpoint_id in self._by_endpoint
+
+    # ---- following the topic ----------------------------------------------------------------------
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from app.topic_tables import topic_partitions
+
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            enable_auto_commit=False,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=200,
+        )
+        await self._consumer.start()
+        try:
+            tps = await topic_partitions(self._consumer, self.topic)
+        except RuntimeError:
+            await self._consumer.stop()
+            raise
+        self._consumer.assign(tps)
+        begins = await self._consumer.beginning_offsets(tps)
+        self._ends = await self._consumer.end_offsets(tps)
+        for tp in tps:
+            self._consumer.seek(tp, max(begins[tp], self._ends[tp] - self.per_partition))
+        if all(self._ends[tp] <= begins[tp] for tp in tps):
+            self.ready.set()
+        self._task = asyncio.create_task(self._run(), name=f"attempts:{self.topic}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broker restart and the like: keep following
+                log.warning("reading %s: %s", self.topic, exc)
+                await asyncio.sleep(1)
+                continue
+            for records in batches.values():
+                for rec in records:
+                    try:
+                        doc = orjson.loads(rec.value) if rec.value is not None else None
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(doc, dict):
+                        self.add(doc)
+            if not self.ready.is_set() and await self._caught_up():
+                self.ready.set()
+
+    async def _caught_up(self) -> bool:
+        for tp, end in self._ends.items():
+            if await self._consumer.position(tp) < end:
+                return False
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
