@@ -111,7 +111,7 @@ class Dispatcher:
         await self._to_topic(topic, d)
 
     async def _to_topic(self, topic: str, d: Delivery) -> None:
-        await (await self.outbox.send(topic, d.resource_key, d.encode()))
+        await self.outbox.publish(topic, d.resource_key, d.encode())
 
     # ---- DLQ, attempt log, registry ------------------------------------------------------------
     async def park(self, d: Delivery, reason: str) -> None:
@@ -119,7 +119,7 @@ class Dispatcher:
         rec["dlq_reason"] = reason
         rec["dead_at"] = time.time()
         metrics.DLQ_ENTRIES.labels(reason=reason).inc()
-        await (await self.outbox.send(DLQ, d.id, orjson.dumps(rec)))
+        await self.outbox.publish(DLQ, d.id, orjson.dumps(rec))
 
     async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
         """A record we cannot even decode still goes to the DLQ, never nowhere."""
@@ -131,7 +131,7 @@ class Dispatcher:
             "dead_at": time.time(),
         }
         metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
-        await (await self.outbox.send(DLQ, rec["id"], orjson.dumps(rec)))
+        await self.outbox.publish(DLQ, rec["id"], orjson.dumps(rec))
 
     async def _log_attempt(self, d: Delivery, a: Attempt) -> None:
         rec: dict[str, Any] = {
@@ -154,5 +154,5 @@ class Dispatcher:
         new = ep.changed(enabled=False, disabled_reason=reason)
         self.registry.apply_local(new, endpoint_id)
         metrics.ENDPOINTS_DISABLED_BY_410.inc()
-        await (await self.outbox.send(ENDPOINTS_TOPIC, endpoint_id, orjson.dumps(new.record())))
+        await self.outbox.publish(ENDPOINTS_TOPIC, endpoint_id, orjson.dumps(new.record()))
         log.warning("endpoint %s disabled: %s", endpoint_id, reason)

@@ -5,6 +5,9 @@
 - smart: folded into the pending table (see app/smart.py), delivered by a flush marker later;
 - async: published to `webhooks.deliveries` for the delivery agent.
 
+Publishing retries through a broker outage (`Outbox.publish`): a record is acked, and so its
+offset committed, only after what it produced has landed.
+
 The agent acks a record only once all of its work is safe (delivered, or its next record
 acknowledged by Kafka); Faust commits the contiguous acked prefix, so nothing is skipped.
 """
@@ -66,8 +69,8 @@ class FanOut:
             try:
                 ev = parse_event(key, value, max_bytes=self.settings.max_event_bytes)
             except InvalidEvent as exc:
-                await self._invalid(key, value, exc.reason, exc.detail)
-                ack()
+                await self.slots.acquire()
+                self._ack_when_done([self._spawn(self._invalid(key, value, exc.reason, exc.detail))], ack)
                 return
             metrics.EVENTS_CONSUMED.labels(event=ev.event).inc()
             waits: list[Awaitable[Any]] = []
@@ -83,7 +86,8 @@ class FanOut:
                     self.pending[k] = add_event(self.pending.get(k), ev, now, partition)
                 else:
                     d = Delivery.for_event(ev, ep, "async")
-                    waits.append(await self.outbox.send(DELIVERIES, d.resource_key, d.encode()))
+                    await self.slots.acquire()
+                    waits.append(self._spawn(self.outbox.publish(DELIVERIES, d.resource_key, d.encode())))
             self._ack_when_done(waits, ack)
         except Exception:
             # Never let an exception escape the agent loop (its offset would be skipped). This is a
@@ -130,12 +134,13 @@ class FanOut:
             "reason": reason,
             "detail": detail,
             "key": None if key is None else key[:1000].decode("utf-8", "replace"),
-            # The raw value as text (invalid UTF-8 replaced), capped so the topic stays usable.
-            "value": None if value is None else value[:200_000].decode("utf-8", "replace"),
+            # The raw value as text (invalid UTF-8 replaced), capped so the parked record always fits
+            # the topic's 1 MB limit: a control byte becomes a 6-byte \u escape (100 kB -> 600 kB).
+            "value": None if value is None else value[:100_000].decode("utf-8", "replace"),
             "size": 0 if value is None else len(value),
             "at": time.time(),
         }
-        await (await self.outbox.send(INVALID, key, orjson.dumps(rec)))
+        await self.outbox.publish(INVALID, key, orjson.dumps(rec))
 
     # ---- smart -----------------------------------------------------------------------------------
     async def _flush(self, value: bytes | None) -> None:
@@ -153,7 +158,7 @@ class FanOut:
         count = int(entry["count"])
         if ep is not None:
             d = Delivery.for_event(ev, ep, "smart", collapsed=count)
-            await (await self.outbox.send(DELIVERIES, d.resource_key, d.encode()))
+            await self.outbox.publish(DELIVERIES, d.resource_key, d.encode())
             metrics.SMART_DELIVERIES.inc()
             metrics.SMART_COLLAPSED.inc(count)
         del self.pending[k]

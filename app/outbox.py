@@ -8,12 +8,16 @@ aiokafka's default partitioner is murmur2, the same as the Java client and `emit
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from app.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Outbox:
@@ -55,6 +59,22 @@ class Outbox:
 
     async def send_and_wait(self, topic: str, key: str | bytes | None, value: Any, **kw: Any) -> Any:
         return await (await self.send(topic, key, value, **kw))
+
+    async def publish(self, topic: str, key: str | bytes | None, value: Any, **kw: Any) -> Any:
+        """Send and wait for the broker's ack, retrying through a broker outage until it lands.
+
+        For records whose loss would lose a delivery (tier moves, DLQ, async deliveries, invalid
+        input): the caller commits its source offset only after this returns, so giving up here
+        would turn an outage into a silent drop. Duplicates are possible; losses are not.
+        """
+        backoff = 0.2
+        while True:
+            try:
+                return await self.send_and_wait(topic, key, value, **kw)
+            except (KafkaError, OSError) as exc:
+                log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def flush(self) -> None:
         if self._producer is not None:

@@ -92,6 +92,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         table_standby_replicas=0,
         # Rebalances wait for in-flight records; those finish within the delivery timeout.
         broker_rebalance_timeout=max(60.0, settings.delivery_timeout * 4),
+        # A SIGKILLed worker's partitions move after this long (Faust's default is 60 s).
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
     )
     comps = Components(settings)
     os.makedirs(app.conf.datadir, exist_ok=True)
