@@ -245,7 +245,7 @@ class Admin:
         try:
             await asyncio.wait_for(self.components.registry.table.caught_up(5), 6)
         except Exception as exc:  # Kafka unreachable: answer from the view we have
-            log.debug("registry not confirmed fresh: %s", exc)
+            log.info("registry view not confirmed fresh: %s", exc)
 
     async def _dlq_view(self) -> dict[str, dict[str, Any]]:
         try:
@@ -258,7 +258,7 @@ class Admin:
         try:
             await asyncio.wait_for(self.dlq.caught_up(5), 6)
         except Exception as exc:
-            log.debug("DLQ view not confirmed fresh: %s", exc)
+            log.info("DLQ view not confirmed fresh: %s", exc)
 
     def _endpoint(self, ep_id: str) -> Endpoint:
         ep = self.components.registry.get(ep_id)

@@ -120,6 +120,11 @@ def test_openapi_describes_exactly_the_routes(tmp_path: Path) -> None:
     assert documented - served == set(), "docs/openapi.yaml describes routes the app does not serve"
 
 
+def test_openapi_document_is_valid() -> None:
+    validate = pytest.importorskip("openapi_spec_validator").validate
+    validate(yaml.safe_load(OPENAPI.read_text(encoding="utf-8")))
+
+
 def test_every_route_needs_the_token(env: SimpleNamespace) -> None:
     base = env.worker.base
     for method, path in sorted(openapi_routes()):

@@ -1,0 +1,228 @@
+"""The admin page in headless Chromium (Debian /usr/bin/chromium, Python Playwright) against a real
+worker and broker: sign in, see dead deliveries of a failing endpoint, replay one and then all, and
+see them delivered. Screenshots (desktop and phone width) go to test-output/browser/."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from app.config import Settings
+from tests.receiver import Receiver, Reply
+from tests.workers import TOKEN, WorkerProcess
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "browser"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Hostile data: it must show as text and never run.
+HOSTILE = '<img src=x onerror="window.__xss=1;alert(1)"><script>window.__xss=2</script>'
+
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium"),
+]
+
+
+def eventually(fn: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def env(kafka: Any) -> Iterator[SimpleNamespace]:
+    from app.topics import apply
+
+    settings = Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+            "WEBHOOKS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
+            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
+        }
+    )
+    apply(settings)
+    receiver = Receiver().start()
+    worker = WorkerProcess(settings, name="browser", WEBHOOKS_RETRY_SCHEDULE="100ms")
+    try:
+        worker.start()
+        yield SimpleNamespace(settings=settings, receiver=receiver, worker=worker)
+    finally:
+        worker.stop()
+        receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class PageWatch:
+    """Collects what must not happen on the page: script errors, console errors (CSP violations
+    show there), and any dialog other than the replay-all confirmation."""
+
+    def __init__(self, page: Any) -> None:
+        self.problems: list[str] = []
+        page.on("pageerror", lambda e: self.problems.append(f"pageerror: {e}"))
+        page.on("console", self._console)
+        page.on("dialog", self._dialog)
+
+    def _console(self, msg: Any) -> None:
+        # A refused token (the test tries a wrong one) logs the 401s of the data calls: expected.
+        if msg.type == "error" and "status of 401" not in msg.text:
+            self.problems.append(f"console: {msg.text}")
+
+    def _dialog(self, dialog: Any) -> None:
+        if dialog.type == "confirm" and dialog.message.startswith("Replay every DLQ entry"):
+            dialog.accept()
+        else:
+            self.problems.append(f"unexpected {dialog.type}: {dialog.message}")
+            dialog.dismiss()
+
+
+def sign_in(page: Any, base: str) -> None:
+    page.goto(base + "/admin")
+    page.wait_for_selector("#signin-form", state="visible")
+    page.fill("#token", TOKEN)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#app", state="visible")
+
+
+def test_sign_in_see_the_dlq_replay_one_and_all(env: SimpleNamespace, browser: Any) -> None:
+    w, rx = env.worker, env.receiver
+    healthy = {"on": False}
+    rx.on("/flaky", lambda _n: Reply(200 if healthy["on"] else 500))
+    r = w.api(
+        "POST",
+        "/api/endpoints",
+        json={"url": rx.url("/flaky"), "events": "lead.*", "mode": "immediate", "description": HOSTILE},
+    )
+    assert r.status_code == 201, r.text
+    ep = r.json()
+    for rid in ("1", "2"):
+        body = {"event": "lead.created", "resource_id": rid, "data": {"id": rid, "name": HOSTILE}}
+        assert w.api("POST", "/api/events", json=body).status_code == 202
+    dead = eventually(
+        lambda: (d := w.api("GET", "/api/dlq").json())["total"] == 2 and d["entries"],
+        60,
+        "two dead deliveries",
+    )
+    first, second = sorted(e["delivery_id"] for e in dead)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+
+    # Desktop: a wrong token is refused, the right one shows the data.
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    watch = PageWatch(page)
+    page.goto(w.base + "/admin")
+    page.wait_for_selector("#signin-form", state="visible")
+    assert page.locator("#app").is_hidden()
+    page.fill("#token", "not-the-token")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#signin-error:has-text('refused')")
+    page.fill("#token", TOKEN)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector(f'#dlq tr[data-delivery="{first}"]')
+    page.wait_for_selector(f'#dlq tr[data-delivery="{second}"]')
+    row = page.locator(f'#endpoints tr[data-endpoint="{ep["id"]}"]')
+    assert row.locator("td[data-label='Mode']").inner_text() == "immediate"
+    assert row.locator("td[data-label='Events']").inner_text() == "lead.*"
+    assert "enabled" in row.locator("td[data-label='Status']").inner_text()
+    page.wait_for_selector(
+        f'#endpoints tr[data-endpoint="{ep["id"]}"] td[data-label="Failure streak"]:has-text("4")'
+    )
+    assert HOSTILE in row.inner_text()  # shown as text ...
+    page.wait_for_selector("#attempts tbody tr:has-text('http_error')")
+    page.click(f'#dlq tr[data-delivery="{first}"] button:has-text("Details")')
+    page.wait_for_selector("pre.payload")
+    assert HOSTILE.replace('"', '\\"') in page.inner_text("pre.payload")
+    assert page.locator("img, #dlq script, #endpoints script").count() == 0  # ... never as markup
+    assert page.evaluate("window.__xss") is None
+    page.screenshot(path=str(SHOTS / "admin.png"), full_page=True)
+
+    # Phone width: the same data, nothing wider than the screen.
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone_watch = PageWatch(phone)
+    sign_in(phone, w.base)
+    phone.wait_for_selector(f'#dlq tr[data-delivery="{first}"]')
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    assert phone.locator(f'#dlq tr[data-delivery="{first}"] button[data-replay]').is_visible()
+    phone.screenshot(path=str(SHOTS / "admin-phone.png"), full_page=True)
+    phone.close()
+    assert phone_watch.problems == []
+
+    # The endpoint recovers; replay one from the page.
+    healthy["on"] = True
+    page.click(f'button[data-replay="{first}"]')
+    page.wait_for_selector(f"#dlq-result:has-text('Replayed {first}')")
+    eventually(
+        lambda: [
+            x for x in rx.received("/flaky") if x.header("X-PerfexAPI-Delivery") == first and x.status == 200
+        ],
+        what="replayed delivery",
+    )
+    page.wait_for_selector(f'#dlq tr[data-delivery="{first}"]', state="detached")
+    assert page.locator(f'#dlq tr[data-delivery="{second}"]').is_visible()
+
+    # Replay all (confirmed in the dialog): the DLQ empties and the last one is delivered.
+    page.click("#replay-all")
+    page.wait_for_selector("#dlq-result:has-text('Replayed 1 delivery')")
+    eventually(
+        lambda: [
+            x for x in rx.received("/flaky") if x.header("X-PerfexAPI-Delivery") == second and x.status == 200
+        ],
+        what="replay-all delivery",
+    )
+    page.wait_for_selector("#dlq-empty", state="visible")
+    page.wait_for_selector("#attempts tbody tr:has-text('success')")
+    page.screenshot(path=str(SHOTS / "admin-after-replay.png"), full_page=True)
+    assert w.api("GET", "/api/dlq").json()["total"] == 0
+    assert watch.problems == []
+    page.close()
+
+
+def test_page_is_served_without_the_token_but_data_is_not(env: SimpleNamespace, browser: Any) -> None:
+    import httpx
+
+    page = httpx.get(env.worker.base + "/admin", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'nonce-" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert httpx.get(env.worker.base + "/api/endpoints", timeout=10).status_code == 401
+
+    # Signing out forgets the token: the next load asks again.
+    p = browser.new_page(viewport={"width": 1024, "height": 700})
+    watch = PageWatch(p)
+    sign_in(p, env.worker.base)
+    p.click("#signout")
+    p.wait_for_selector("#signin-form", state="visible")
+    p.reload()
+    p.wait_for_selector("#signin-form", state="visible")
+    assert p.evaluate("sessionStorage.length") == 0
+    p.close()
+    assert watch.problems == []
