@@ -8,7 +8,9 @@ body is read up to a small cap; connections go through the SSRF-guarded resolver
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import hashlib
 import secrets
 import ssl
 import time
@@ -28,6 +30,17 @@ from app.signing import build_headers, dumps
 
 def new_delivery_id() -> str:
     return "dlv_" + secrets.token_urlsafe(16)
+
+
+def delivery_id_for(event_id: str, endpoint_id: str, mode: str, collapsed: int | None = None) -> str:
+    """The same id whenever the same event is fanned out to the same endpoint again.
+
+    After a crash the fan-out re-reads events whose offsets were not committed yet; a random id
+    would give those duplicates a new idempotency key (SPEC §5: duplicates carry the same id).
+    """
+    seed = f"{event_id}\x00{endpoint_id}\x00{mode}\x00{collapsed or 0}".encode()
+    digest = hashlib.sha256(seed).digest()[:16]
+    return "dlv_" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 @dataclass(slots=True)
@@ -57,7 +70,7 @@ class Delivery:
         cls, ev: ChangeEvent, endpoint: Endpoint, mode: str, collapsed: int | None = None
     ) -> Delivery:
         return cls(
-            id=new_delivery_id(),
+            id=delivery_id_for(ev.id, endpoint.id, mode, collapsed),
             endpoint_id=endpoint.id,
             event=ev.event,
             event_id=ev.id,

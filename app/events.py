@@ -150,7 +150,8 @@ def parse_event(
         doc = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         msg = str(exc)
-        if "recursion" in msg.lower():
+        # orjson reports nesting past its limit as "recursion limit" or "depth limit exceeded".
+        if "recursion" in msg.lower() or "depth limit" in msg.lower():
             raise InvalidEvent("too_deep", "JSON nested too deeply") from exc
         if "utf-8" in msg.lower() or "surrogate" in msg.lower():
             raise InvalidEvent("not_utf8", msg[:200]) from exc
@@ -177,6 +178,10 @@ def parse_event(
         raise InvalidEvent("unknown_event", f"{name[:100]!r} is not in the catalog")
     if not _depth_ok(doc):
         raise InvalidEvent("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
+    # The limit holds for what we write too: `1e15` re-encodes as `1000000000000000.0`, so a record
+    # under the limit as sent could yield delivery records (deliveries, tiers, DLQ) over the topics'.
+    if len(value) * 4 > max_bytes and len(orjson.dumps(doc)) > max_bytes:
+        raise InvalidEvent("too_large", f"over the {max_bytes}-byte limit once re-encoded")
     ts = parse_rfc3339(doc["occurred_at"])
     resource = cat.resource_of(name)
     if key is None:

@@ -54,6 +54,9 @@ def forbidden_reason(ip_text: str) -> str | None:
         return "link-local address"
     if ip.is_private:
         return "private address"
+    # fec0::/10: deprecated, but still routed inside some sites, and not flagged private by ipaddress.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local address"
     if ip.is_multicast or ip.is_reserved or ip.is_unspecified or not ip.is_global:
         return "non-public address"
     return None
