@@ -47,6 +47,8 @@ class Dispatcher:
         # second) and this many deliveries already queue for it, new ones wait in a retry tier
         # instead of in the worker: a hung endpoint must not stall the others or a rebalance.
         self.max_waiting_per_endpoint = settings.max_in_flight_per_endpoint * 2
+        # The worker's view of webhooks.dlq (app/observe.py sets it): see park().
+        self.dlq_view: Any = None
 
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
@@ -115,11 +117,25 @@ class Dispatcher:
 
     # ---- DLQ, attempt log, registry ------------------------------------------------------------
     async def park(self, d: Delivery, reason: str) -> None:
+        if d.replays and self.dlq_view is not None:
+            await self._wait_replay_tombstone(d)
         rec = d.record()
         rec["dlq_reason"] = reason
         rec["dead_at"] = time.time()
         metrics.DLQ_ENTRIES.labels(reason=reason).inc()
         await self.outbox.publish(DLQ, d.id, orjson.dumps(rec))
+
+    async def _wait_replay_tombstone(self, d: Delivery, timeout: float = 10.0) -> None:
+        """A replay publishes the delivery, then tombstones its old DLQ entry. A replayed delivery
+        that fails at once (endpoint disabled, 410) can be parked before that tombstone is written,
+        and the tombstone would then delete the new entry. Wait until the old entry (fewer replays)
+        has left the view; if the replayer died before its tombstone, park after the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            old = self.dlq_view.data.get(d.id)
+            if old is None or int(old.get("replays") or 0) >= d.replays:
+                return
+            await asyncio.sleep(0.02)
 
     async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
         """A record we cannot even decode still goes to the DLQ, never nowhere."""

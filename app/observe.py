@@ -94,6 +94,7 @@ def install(app: Any, comps: Any) -> None:
     settings: Settings = comps.settings
     view = DlqView(settings)
     comps.dlq_view = view
+    comps.dispatcher.dlq_view = view  # orders a replayed delivery's re-park after its tombstone
 
     class DlqViewService(Service):
         async def on_start(self) -> None:
