@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from app.config import Settings
 
@@ -30,7 +30,7 @@ class Outbox:
             bootstrap_servers=self.settings.bootstrap_servers,
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            linger_ms=10,
             max_request_size=4 * 1024 * 1024,
             request_timeout_ms=30000,
         )
@@ -71,7 +71,13 @@ class Outbox:
         while True:
             try:
                 return await self.send_and_wait(topic, key, value, **kw)
-            except (KafkaError, OSError) as exc:
+            except KafkaError as exc:
+                if not exc.retriable and not isinstance(exc, KafkaTimeoutError):
+                    raise  # e.g. a record over the topic's size limit: retrying cannot help
+                log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except OSError as exc:
                 log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
