@@ -191,4 +191,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     from faust.worker import Worker
 
     app, _ = create_app(settings)
-    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    worker = Worker(app, loglevel=loglevel, quiet=True)
+    # Faust keeps a terminal spinner at --loglevel warning and above, and for it sets the root logger
+    # to DEBUG: every library debug() call (aiokafka logs each send) then builds a LogRecord that no
+    # handler prints. Without the spinner the root logger stays at `loglevel` (docs/performance.md).
+    worker.spinner = None
+    worker.execute_from_commandline()

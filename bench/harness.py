@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,7 +143,14 @@ class ReceiverProcess:
 class BenchWorker:
     """One `perfex-webhooks worker` process on the bench's prefix (a temp Faust data dir)."""
 
-    def __init__(self, settings: Settings, name: str = "worker", profile: str | None = None, **env: str):
+    def __init__(
+        self,
+        settings: Settings,
+        name: str = "worker",
+        profile: str | None = None,
+        loglevel: str = "info",  # the CLI's default, so the bench runs what operators run
+        **env: str,
+    ):
         self.settings = settings
         self.port = free_port()
         self._data = tempfile.TemporaryDirectory(prefix="bench-faust-")
@@ -158,6 +166,7 @@ class BenchWorker:
             **env,
         }
         self.profile = profile
+        self.loglevel = loglevel
         if profile:
             self.env["PERFEX_BENCH_PROFILE"] = profile
         OUTPUT.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,7 @@ class BenchWorker:
         module = "bench.profile_worker" if self.profile else "app.cli"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "worker", "--loglevel", "warning"],
+                [sys.executable, "-m", module, "worker", "--loglevel", self.loglevel],
                 cwd=REPO,
                 env=self.env,
                 stdout=log,
@@ -190,6 +199,20 @@ class BenchWorker:
                     return self
             time.sleep(0.1)
         raise RuntimeError(f"worker not ready within {timeout:.0f}s; see {self.log_path}")
+
+    def spy(self, out: str) -> subprocess.Popen[bytes]:
+        """py-spy (if installed: `pip install py-spy`) sampling every thread of the worker into `out`
+        (collapsed stacks). Unlike pyinstrument it also sees Faust's consumer thread. Stop it
+        with SIGINT; `python -m bench.spy_report FILE` summarises it."""
+        exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        return subprocess.Popen(
+            [exe, "record", "--pid", str(self.pid), "--format", "raw", "-o", out, "--threads",
+             "--rate", "250", "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
@@ -303,7 +326,18 @@ def machine() -> dict[str, Any]:
         "kafka": f"Apache Kafka {KAFKA_VERSION}, local single node"
         + (" (BENCH_BOOTSTRAP)" if os.environ.get("BENCH_BOOTSTRAP") else ""),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": _git("rev-parse", "--short", "HEAD")
+        + ("+dirty" if _git("status", "--porcelain", "app") else ""),
     }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -326,7 +360,7 @@ def print_result(title: str, result: dict[str, Any], keys: list[str]) -> None:
     m = result.get("machine", {})
     print(
         f"   {m.get('date')} | nproc={m.get('nproc')} mem={m.get('memory_gib')}GiB cpu={m.get('cpu')} "
-        f"| {m.get('kafka')} | load={m.get('load_avg_at_start')}"
+        f"| {m.get('kafka')} | load={m.get('load_avg_at_start')} | commit {m.get('commit')}"
     )
     for k in keys:
         print(f"   {k}: {result.get(k)}")
