@@ -3,7 +3,7 @@
 What is proven (SPEC §5, at-least-once):
 - immediate and async: every event produced is delivered to each endpoint (the set of event ids
   received equals the set produced); duplicates (a record re-read after a rebalance) are counted,
-  allowed, and reported.
+  allowed, and reported, and carry the same delivery id as the first delivery of that event.
 - smart: bursts on a few resources straddle both handovers (B joining, A leaving on SIGTERM). The
   pending items live in a changelogged table and flush markers travel in the resource's own
   partition, behind every event produced before them, so a burst whose saves are closer than the
@@ -11,7 +11,7 @@ What is proven (SPEC §5, at-least-once):
   at least one of them merges the whole burst (collapsed >= burst length). A second delivery of
   a burst can legitimately happen: the old owner flushed it but had not committed the offsets of
   the burst's last events when it lost the partition; the new owner re-reads those events and
-  flushes them again (final state again, smaller count, new delivery id). Such duplicates are
+  flushes them again (final state again, smaller count, so another delivery id). Such duplicates are
   counted and reported, never a partial delivery without the final state.
 """
 
@@ -188,6 +188,11 @@ def test_second_worker_joins_first_leaves_nothing_lost(
     for path in ("/immediate", "/async"):
         got = ids(path)
         assert set(got) == expected, f"{path}: unexpected event ids {set(got) - expected}"
+        ids_per_event: dict[str, set[str]] = {}
+        for r in receiver.received(path):
+            ids_per_event.setdefault(r.json["event_id"], set()).add(r.json["id"])
+        renamed = {e: d for e, d in ids_per_event.items() if len(d) > 1}
+        assert not renamed, f"{path}: duplicates must carry the same delivery id: {renamed}"
         report.append(f"{path}: {len(expected)} events, {sum(got.values()) - len(got)} duplicate deliveries")
 
     smart: dict[str, dict[str, dict]] = {}
