@@ -29,7 +29,17 @@ from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import InvalidEvent, parse_event
 from app.outbox import Outbox
-from app.smart import MARKER_HEADER, MARKER_VALUE, add_event, due_at, event_of, marker, smart_key
+from app.smart import (
+    MARKER_BATCH,
+    MARKER_HEADER,
+    MARKER_VALUE,
+    add_event,
+    due_at,
+    event_of,
+    marker_batch,
+    marker_keys,
+    smart_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,25 +154,45 @@ class FanOut:
 
     # ---- smart -----------------------------------------------------------------------------------
     async def _flush(self, value: bytes | None) -> None:
+        """Deliver the due items a marker names. An item leaves the table only once its delivery
+        record is acknowledged, so a crash in between re-reads the marker and loses nothing."""
         try:
-            k = orjson.loads(value or b"{}")["key"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            keys = marker_keys(orjson.loads(value or b"{}"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return
-        entry = self.pending.get(k)
         now = time.time()
-        if not entry or due_at(entry, self.settings.smart_window, self.settings.smart_max_wait) > now:
-            return  # superseded by a newer event, or already flushed
-        ep_id = k.split("|", 1)[0]
-        ep = self.registry.get(ep_id)
-        ev = event_of(entry)
-        count = int(entry["count"])
-        if ep is not None:
-            d = Delivery.for_event(ev, ep, "smart", collapsed=count)
-            await self.outbox.publish(DELIVERIES, d.resource_key, d.encode())
-            metrics.SMART_DELIVERIES.inc()
-            metrics.SMART_COLLAPSED.inc(count)
-        del self.pending[k]
-        self._marked.pop(k, None)
+        due: list[tuple[str, Any]] = []
+        for k in keys:
+            entry = self.pending.get(k)
+            if not entry or due_at(entry, self.settings.smart_window, self.settings.smart_max_wait) > now:
+                continue  # superseded by a newer event, or already flushed
+            due.append((k, entry))
+        if not due:
+            return
+        sends: list[Awaitable[Any]] = []
+        delivered: list[bool] = []
+        for k, entry in due:
+            ep = self.registry.get(k.split("|", 1)[0])
+            delivered.append(ep is not None)
+            if ep is None:
+                continue  # endpoint deleted: nothing to deliver, the item just leaves the table
+            d = Delivery.for_event(event_of(entry), ep, "smart", collapsed=int(entry["count"]))
+            sends.append(self.outbox.publish(DELIVERIES, d.resource_key, d.encode()))
+        # Publish the batch together: one broker round trip (and linger) instead of one per item.
+        results = iter(await asyncio.gather(*sends, return_exceptions=True))
+        error: BaseException | None = None
+        for (k, entry), sent in zip(due, delivered, strict=True):
+            if sent:
+                res = next(results)
+                if isinstance(res, BaseException):
+                    error = error or res  # stays pending; its marker is sent again later
+                    continue
+                metrics.SMART_DELIVERIES.inc()
+                metrics.SMART_COLLAPSED.inc(int(entry["count"]))
+            del self.pending[k]
+            self._marked.pop(k, None)
+        if error is not None:
+            raise error
 
     async def send_due_markers(self, active_partitions: set[int]) -> int:
         """Timer body: a marker for every due item of a partition this worker owns."""
@@ -170,6 +200,7 @@ class FanOut:
         window, max_wait = self.settings.smart_window, self.settings.smart_max_wait
         sent = 0
         n_pending = 0
+        due: dict[int, list[str]] = {}
         for k, entry in list(self.pending.items()):
             if not entry or entry.get("p") not in active_partitions:
                 continue
@@ -180,15 +211,20 @@ class FanOut:
             if last is not None and now - last < max(1.0, window):
                 continue
             self._marked[k] = now
-            resource_key = k.split("|", 1)[1]
-            await self.outbox.send(
-                "crm.events",
-                resource_key,
-                marker(k),
-                partition=int(entry["p"]),
-                headers=[(MARKER_HEADER, MARKER_VALUE)],
-            )
-            sent += 1
+            due.setdefault(int(entry["p"]), []).append(k)
+        # One marker per partition and batch of items, in that partition (so the agent that owns
+        # the items' table partition handles it, in order with the partition's events).
+        for partition, keys in due.items():
+            for i in range(0, len(keys), MARKER_BATCH):
+                batch = keys[i : i + MARKER_BATCH]
+                await self.outbox.send(
+                    "crm.events",
+                    batch[0].split("|", 1)[1],
+                    marker_batch(batch),
+                    partition=partition,
+                    headers=[(MARKER_HEADER, MARKER_VALUE)],
+                )
+                sent += len(batch)
         metrics.SMART_PENDING.set(n_pending)
         return sent
 
