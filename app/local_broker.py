@@ -177,7 +177,13 @@ class LocalBroker:
         if not (self.dir / "data" / "meta.properties").exists():
             fmt = subprocess.run(
                 self._java(
-                    "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(cfg), "--standalone"
+                    # `=`: an id may start with "-", which argparse would take for an option.
+                    "kafka.tools.StorageTool",
+                    "format",
+                    f"--cluster-id={_cluster_id()}",
+                    "-c",
+                    str(cfg),
+                    "--standalone",
                 ),
                 capture_output=True,
                 text=True,
