@@ -99,4 +99,5 @@ def workers(settings: Settings):
 
     yield make
     for w in started:
-        w.stop()
+        # The test is over: a graceful stop is not what it checks, so do not wait long for one.
+        w.stop(timeout=5)
