@@ -350,6 +350,8 @@ def percentile(values: list[float], p: float) -> float:
 def save(name: str, result: dict[str, Any]) -> Path:
     """Write the result as JSON under test-output/bench/ (or BENCH_OUTPUT) and return the path."""
     OUTPUT.mkdir(parents=True, exist_ok=True)
+    # Other work on the machine moves the numbers: keep the load seen at the end beside the start's.
+    result.setdefault("machine", {})["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = OUTPUT / f"{name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json"
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     return path
@@ -360,7 +362,8 @@ def print_result(title: str, result: dict[str, Any], keys: list[str]) -> None:
     m = result.get("machine", {})
     print(
         f"   {m.get('date')} | nproc={m.get('nproc')} mem={m.get('memory_gib')}GiB cpu={m.get('cpu')} "
-        f"| {m.get('kafka')} | load={m.get('load_avg_at_start')} | commit {m.get('commit')}"
+        f"| {m.get('kafka')} | load={m.get('load_avg_at_start')}->{m.get('load_avg_at_end')} "
+        f"| commit {m.get('commit')}"
     )
     for k in keys:
         print(f"   {k}: {result.get(k)}")
