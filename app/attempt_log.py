@@ -95,24 +95,9 @@ class AttemptLog:
 
     # ---- following the topic ----------------------------------------------------------------------
     async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer
+        from app.topic_tables import open_reader
 
-        from app.topic_tables import topic_partitions
-
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            enable_auto_commit=False,
-            group_id=None,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=200,
-        )
-        await self._consumer.start()
-        try:
-            tps = await topic_partitions(self._consumer, self.topic)
-        except RuntimeError:
-            await self._consumer.stop()
-            raise
-        self._consumer.assign(tps)
+        self._consumer, tps = await open_reader(self.settings, self.topic)
         begins = await self._consumer.beginning_offsets(tps)
         self._ends = await self._consumer.end_offsets(tps)
         for tp in tps:

@@ -108,6 +108,30 @@ async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> 
         await asyncio.sleep(0.1)
 
 
+async def open_reader(settings: Settings, topic: str) -> tuple[Any, list[Any]]:
+    """A started group-less aiokafka consumer assigned every partition of `topic` (full name).
+
+    No consumer group: every worker reads every partition itself; the caller chooses where to start.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_auto_commit=False,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=200,
+    )
+    await consumer.start()
+    try:
+        tps = await topic_partitions(consumer, topic)
+    except RuntimeError:
+        await consumer.stop()
+        raise
+    consumer.assign(tps)
+    return consumer, tps
+
+
 class TopicTable:
     """Follows a keyed topic from the beginning in the background; `ready` is set once caught up."""
 
@@ -130,23 +154,7 @@ class TopicTable:
         self._ends: dict[int, int] = {}
 
     async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer
-
-        # No consumer group: every worker reads every partition, from the beginning.
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            enable_auto_commit=False,
-            group_id=None,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=200,
-        )
-        await self._consumer.start()
-        try:
-            tps = await topic_partitions(self._consumer, self.topic)
-        except RuntimeError:
-            await self._consumer.stop()
-            raise
-        self._consumer.assign(tps)
+        self._consumer, tps = await open_reader(self.settings, self.topic)
         await self._consumer.seek_to_beginning(*tps)
         self._tps = tps
         self._ends = {tp.partition: off for tp, off in (await self._consumer.end_offsets(tps)).items()}
