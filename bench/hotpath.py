@@ -8,7 +8,10 @@ handed to `Dispatcher.dispatch` from 64 concurrent lanes, against a real broker 
 registry) and the receiver process; then the same bodies go through the bare client (the async
 throughput baseline) in the same process. Both report CPU per delivery (this process only;
 time.process_time, so waiting for a CPU under load does not count) and rate. `--profile` runs
-the Dispatcher phase under cProfile and prints the top functions by own time.
+the Dispatcher phase under cProfile and prints the top functions by own time. A third phase feeds
+the same Dispatcher from a plain aiokafka consumer of `webhooks.deliveries` (records produced
+first): the delivery agent's cost without Faust, to compare with `async_throughput --stage
+deliveries`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import build_event, parse_event
 from app.outbox import Outbox
+from app.producer import Producer
 from bench.async_throughput import _baseline, _rate
 from bench.harness import ReceiverProcess, invoice, kafka, machine, new_settings, print_result, register, save
 
@@ -66,6 +70,62 @@ async def _run_dispatcher(settings: Any, deliveries: list[Delivery], lanes: int,
         await outbox.stop()
 
 
+async def _run_consumer(settings: Any, n: int, lanes: int) -> tuple[float, int]:
+    """The same Dispatcher fed by a plain aiokafka consumer on this loop (no Faust, no thread):
+    what the delivery agent would cost without Faust's per-message machinery. Commits once at the
+    end: a measurement, not the ordering-safe offset bookkeeping a worker needs (app/retry.py)."""
+    from aiokafka import AIOKafkaConsumer
+
+    outbox, sender = Outbox(settings), HttpSender(settings)
+    registry = Registry(settings)
+    await outbox.start()
+    await sender.start()
+    await registry.start()
+    await asyncio.wait_for(registry.ready.wait(), 60)
+    dispatcher = Dispatcher(settings, registry, sender, outbox)
+    consumer = AIOKafkaConsumer(
+        settings.topic("webhooks.deliveries"),
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=f"{settings.group_id}.bench",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    slots = asyncio.Semaphore(lanes * 8)  # as the delivery agent: max_in_flight * 8 records held
+    tasks: set[asyncio.Task[None]] = set()
+    done = 0
+
+    async def one(raw: bytes) -> None:
+        nonlocal done
+        try:
+            await dispatcher.dispatch(Delivery.decode(raw))
+            done += 1
+        finally:
+            slots.release()
+
+    try:
+        c0 = time.process_time()
+        seen = 0
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            for records in batches.values():
+                for rec in records:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(rec.value))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    seen += 1
+        await asyncio.gather(*tasks)
+        await consumer.commit()
+        await outbox.flush()
+        return time.process_time() - c0, done
+    finally:
+        await consumer.stop()
+        await registry.stop()
+        await sender.stop()
+        await outbox.stop()
+
+
 def run(
     deliveries: int = 10000, concurrency: int = 64, bootstrap: str | None = None, profile: str | None = None
 ) -> dict[str, Any]:
@@ -88,6 +148,13 @@ def run(
         asyncio.run(_baseline(rx.url("/bare"), items, ep, concurrency))
         cpu_bare = time.process_time() - c0
         b_stats = rx.stats("/bare")
+        ep2 = register(s, rx.url("/consumer"), "invoice.*", "async")
+        with Producer(s) as p:
+            for d in items:
+                d.endpoint_id = ep2.id
+                p.send("webhooks.deliveries", d.resource_key, d.encode())
+        cpu_consumer, consumed = asyncio.run(_run_consumer(s, deliveries, concurrency))
+        c_stats = rx.stats("/consumer")
     result.update(
         {
             "dispatcher_per_s": round(_rate(d_stats)),
@@ -95,6 +162,8 @@ def run(
             "dispatcher_cpu_ms_per_delivery": round(cpu_dispatch * 1000 / deliveries, 3),
             "bare_cpu_ms_per_request": round(cpu_bare * 1000 / deliveries, 3),
             "cpu_ratio_dispatcher_over_bare": round(cpu_dispatch / cpu_bare, 2),
+            "aiokafka_consumer_per_s": round(_rate(c_stats)),
+            "aiokafka_consumer_cpu_ms_per_delivery": round(cpu_consumer * 1000 / consumed, 3),
         }
     )
     if prof is not None and profile:
@@ -118,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result,
         [
             "deliveries", "dispatcher_per_s", "bare_per_s", "dispatcher_cpu_ms_per_delivery",
-            "bare_cpu_ms_per_request", "cpu_ratio_dispatcher_over_bare",
+            "bare_cpu_ms_per_request", "cpu_ratio_dispatcher_over_bare", "aiokafka_consumer_per_s",
+            "aiokafka_consumer_cpu_ms_per_delivery",
         ],
     )  # fmt: skip
     if "profile_top" in result:

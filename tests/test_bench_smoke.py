@@ -1,7 +1,7 @@
 """The benchmarks still run: each bench once with tiny sizes against the session broker.
 
 Only that the scripts work and their results hold together (counts, exactness); no timing is
-asserted here, numbers belong in docs/performance.md. The four runs are mostly waiting (worker
+asserted here, numbers belong in docs/performance.md. The runs are mostly waiting (worker
 start-up, smart window), so they run side by side and each test checks its own result.
 """
 
@@ -18,11 +18,12 @@ pytestmark = pytest.mark.kafka
 
 @pytest.fixture(scope="module")
 def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
-    from bench import async_throughput, immediate_latency, memory, smart_burst
+    from bench import async_throughput, hotpath, immediate_latency, memory, smart_burst
 
     bs = kafka.bootstrap
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
         "async": lambda: async_throughput.run(events=40, concurrency=8, bootstrap=bs),
+        "hotpath": lambda: hotpath.run(deliveries=30, concurrency=8, bootstrap=bs),
         "latency": lambda: immediate_latency.run(rate=40, seconds=0.5, warmup=0.5, bootstrap=bs),
         "smart": lambda: smart_burst.run(resources=15, saves=3, window="300ms", bootstrap=bs),
         "memory": lambda: memory.run(endpoints=30, backlog=(10, 50), bootstrap=bs, settle=1.0),
@@ -38,6 +39,12 @@ def test_async_throughput(runs) -> None:
     r = runs["async"].result()
     assert r["worker_deliveries"] == r["worker_unique_ids"] == 40
     assert r["ratio"] > 0 and all(x > 0 for x in r["baseline_per_s"])
+
+
+def test_hotpath(runs) -> None:
+    r = runs["hotpath"].result()
+    assert r["dispatcher_cpu_ms_per_delivery"] > 0 and r["bare_cpu_ms_per_request"] > 0
+    assert r["aiokafka_consumer_cpu_ms_per_delivery"] > 0
 
 
 def test_immediate_latency(runs) -> None:
