@@ -25,7 +25,7 @@ def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
         "async": lambda: async_throughput.run(events=40, concurrency=8, bootstrap=bs),
         "hotpath": lambda: hotpath.run(deliveries=30, concurrency=8, bootstrap=bs),
         "latency": lambda: immediate_latency.run(rate=40, seconds=0.5, warmup=0.5, bootstrap=bs),
-        "smart": lambda: smart_burst.run(resources=15, saves=3, window="300ms", bootstrap=bs),
+        "smart": lambda: smart_burst.run(resources=15, saves=3, window="300ms", bootstrap=bs, timeout=90),
         "memory": lambda: memory.run(endpoints=30, backlog=(10, 50), bootstrap=bs, settle=1.0),
     }
     with ThreadPoolExecutor(len(jobs)) as pool:

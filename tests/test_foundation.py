@@ -84,6 +84,11 @@ def test_topics_apply_creates_every_topic_then_changes_nothing(settings: Setting
         for k, v in s.config.items():
             assert described[name][k].value == v, (name, k)
     assert described[settings.topic("webhooks.endpoints")]["cleanup.policy"].value == "compact"
+    # Faust's smart-table changelog is co-partitioned with its source topic.
+    changelog = settings.topic(
+        f"{settings.group_id.removeprefix(settings.topic_prefix)}-smart-pending-changelog"
+    )
+    assert len(md[changelog].partitions) == len(md[settings.topic("crm.events")].partitions)
     assert apply(settings) == []
 
     # The CLI says so too, and reconciles drift.
