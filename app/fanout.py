@@ -55,6 +55,7 @@ class FanOut:
         dispatcher: Dispatcher,
         outbox: Outbox,
         pending: MutableMapping[str, Any],
+        tasks: set[asyncio.Task[Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -63,7 +64,8 @@ class FanOut:
         self.pending = pending  # the smart table
         # Bounds the work this worker holds in memory; the agent waits when it is full.
         self.slots = asyncio.Semaphore(settings.max_in_flight * 8)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Work started for records not yet acked; the worker drains it before a graceful stop.
+        self._tasks: set[asyncio.Task[Any]] = set() if tasks is None else tasks
         self._marked: dict[str, float] = {}
 
     # ---- per record ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Components:
         self.web: Any = None
         self.faust_app: Any = None
         self.ready = asyncio.Event()
+        self.inflight: set[asyncio.Task[Any]] = set()  # work the agents started, drained on stop
 
     def _count_endpoints(self) -> None:
         eps = self.registry.all()
@@ -63,6 +64,11 @@ class Components:
         log.info("worker components ready (%d endpoints)", len(self.registry.all()))
 
     async def stop(self) -> None:
+        # Faust stops this service before its agents: let the work they started finish while the
+        # producer and HTTP session still exist, so a graceful stop acks it instead of leaving it to
+        # the next owner as duplicates. Bounded: an attempt never outlives the delivery timeout.
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=self.settings.delivery_timeout + 2)
         for part in (self.web, self.tiers, self.registry, self.sender, self.outbox):
             if part is None:
                 continue
@@ -122,7 +128,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         partitions=events_spec.partitions,
         schema=faust.Schema(key_serializer="json", value_serializer="json"),
     )
-    fanout = FanOut(settings, comps.registry, comps.dispatcher, comps.outbox, pending)
+    fanout = FanOut(settings, comps.registry, comps.dispatcher, comps.outbox, pending, tasks=comps.inflight)
 
     @app.agent(events_topic, concurrency=1)
     async def fan_out(stream: faust.StreamT) -> None:
@@ -135,12 +141,11 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     async def deliver(stream: faust.StreamT) -> None:
         await comps.ready.wait()
         slots = asyncio.Semaphore(settings.max_in_flight * 8)
-        tasks: set[asyncio.Task[None]] = set()
         async for event in stream.noack().events():
             await slots.acquire()
             task = asyncio.ensure_future(_deliver_one(comps.dispatcher, event, slots))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            comps.inflight.add(task)
+            task.add_done_callback(comps.inflight.discard)
 
     smart_tick = max(0.02, min(0.25, settings.smart_window / 10))
 
