@@ -10,22 +10,18 @@ failure streak is counted in the order the attempts happened.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from collections import OrderedDict, deque
 from typing import Any
 
 import orjson
 
 from app.config import Settings
-
-log = logging.getLogger(__name__)
+from app.topic_tables import TopicFollower
 
 TOPIC = "webhooks.attempts"
 
 
-class AttemptLog:
+class AttemptLog(TopicFollower):
     def __init__(
         self,
         settings: Settings,
@@ -36,20 +32,15 @@ class AttemptLog:
         per_delivery: int = 50,
         recent: int = 1000,
     ) -> None:
-        self.settings = settings
-        self.topic = settings.topic(TOPIC)
+        super().__init__(settings, TOPIC)
         self.per_partition = per_partition
         self.per_endpoint = per_endpoint
         self.max_deliveries = deliveries
         self.per_delivery = per_delivery
-        self.ready = asyncio.Event()
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self._by_endpoint: dict[str, deque[dict[str, Any]]] = {}
         self._by_delivery: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self._streak: dict[str, int] = {}
-        self._consumer: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._ends: dict[Any, int] = {}
 
     # ---- in-memory view ---------------------------------------------------------------------------
     def add(self, rec: dict[str, Any]) -> None:
@@ -94,50 +85,16 @@ class AttemptLog:
         return endpoint_id in self._by_endpoint
 
     # ---- following the topic ----------------------------------------------------------------------
-    async def start(self) -> None:
-        from app.topic_tables import open_reader
-
-        self._consumer, tps = await open_reader(self.settings, self.topic)
+    async def _seek_start(self, tps: list[Any]) -> None:
         begins = await self._consumer.beginning_offsets(tps)
-        self._ends = await self._consumer.end_offsets(tps)
+        ends = await self._consumer.end_offsets(tps)
         for tp in tps:
-            self._consumer.seek(tp, max(begins[tp], self._ends[tp] - self.per_partition))
-        if all(self._ends[tp] <= begins[tp] for tp in tps):
-            self.ready.set()
-        self._task = asyncio.create_task(self._run(), name=f"attempts:{self.topic}")
+            self._consumer.seek(tp, max(begins[tp], ends[tp] - self.per_partition))
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=500, max_records=2000)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a broker restart and the like: keep following
-                log.warning("reading %s: %s", self.topic, exc)
-                await asyncio.sleep(1)
-                continue
-            for records in batches.values():
-                for rec in records:
-                    try:
-                        doc = orjson.loads(rec.value) if rec.value is not None else None
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(doc, dict):
-                        self.add(doc)
-            if not self.ready.is_set() and await self._caught_up():
-                self.ready.set()
-
-    async def _caught_up(self) -> bool:
-        for tp, end in self._ends.items():
-            if await self._consumer.position(tp) < end:
-                return False
-        return True
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+    def _apply(self, rec: Any) -> None:
+        try:
+            doc = orjson.loads(rec.value) if rec.value is not None else None
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(doc, dict):
+            self.add(doc)

@@ -132,35 +132,35 @@ async def open_reader(settings: Settings, topic: str) -> tuple[Any, list[Any]]:
     return consumer, tps
 
 
-class TopicTable:
-    """Follows a keyed topic from the beginning in the background; `ready` is set once caught up."""
+class TopicFollower:
+    """Follows every partition of one topic in the background (no consumer group).
 
-    def __init__(
-        self,
-        settings: Settings,
-        topic: str,
-        on_change: Callable[[str, Any | None], None] | None = None,
-        decode: Callable[[bytes | None], Any] = _decode,
-    ) -> None:
+    Subclasses choose where reading starts (`_seek_start`) and what a record does (`_apply`);
+    `ready` is set once the reader reached the end offsets it saw at start.
+    """
+
+    def __init__(self, settings: Settings, topic: str) -> None:
         self.settings = settings
         self.topic = settings.topic(topic)
-        self.data: dict[str, Any] = {}
         self.ready = asyncio.Event()
-        self._on_change = on_change
-        self._decode = decode
         self._task: asyncio.Task[None] | None = None
         self._consumer: Any = None
         self._tps: list[Any] = []
         self._ends: dict[int, int] = {}
 
-    async def start(self) -> None:
-        self._consumer, tps = await open_reader(self.settings, self.topic)
+    async def _seek_start(self, tps: list[Any]) -> None:
         await self._consumer.seek_to_beginning(*tps)
-        self._tps = tps
-        self._ends = {tp.partition: off for tp, off in (await self._consumer.end_offsets(tps)).items()}
-        if all(v == 0 for v in self._ends.values()):
+
+    def _apply(self, rec: Any) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._consumer, self._tps = await open_reader(self.settings, self.topic)
+        await self._seek_start(self._tps)
+        self._ends = {tp.partition: off for tp, off in (await self._consumer.end_offsets(self._tps)).items()}
+        if await self._reached(self._ends):
             self.ready.set()
-        self._task = asyncio.create_task(self._run(), name=f"table:{self.topic}")
+        self._task = asyncio.create_task(self._run(), name=f"follow:{self.topic}")
 
     async def _run(self) -> None:
         while True:
@@ -174,17 +174,7 @@ class TopicTable:
                 continue
             for records in batches.values():
                 for rec in records:
-                    key = (rec.key or b"").decode("utf-8", "replace")
-                    val = self._decode(rec.value)
-                    if val is None:
-                        self.data.pop(key, None)
-                    else:
-                        self.data[key] = val
-                    if self._on_change is not None:
-                        try:
-                            self._on_change(key, val)
-                        except Exception:
-                            log.exception("on_change for %s", self.topic)
+                    self._apply(rec)
             if not self.ready.is_set() and await self._reached(self._ends):
                 self.ready.set()
 
@@ -196,7 +186,7 @@ class TopicTable:
         return True
 
     async def caught_up(self, timeout: float = 10.0) -> None:
-        """Wait until every record written before this call is in the view (read-your-writes)."""
+        """Wait until every record written before this call has been read (read-your-writes)."""
         ends = {tp.partition: off for tp, off in (await self._consumer.end_offsets(self._tps)).items()}
         deadline = time.monotonic() + timeout
         while not await self._reached(ends):
@@ -210,4 +200,34 @@ class TopicTable:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+
+
+class TopicTable(TopicFollower):
+    """A keyed topic read from the beginning: `.data` holds the last value per key."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        on_change: Callable[[str, Any | None], None] | None = None,
+        decode: Callable[[bytes | None], Any] = _decode,
+    ) -> None:
+        super().__init__(settings, topic)
+        self.data: dict[str, Any] = {}
+        self._on_change = on_change
+        self._decode = decode
+
+    def _apply(self, rec: Any) -> None:
+        key = (rec.key or b"").decode("utf-8", "replace")
+        val = self._decode(rec.value)
+        if val is None:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = val
+        if self._on_change is not None:
+            try:
+                self._on_change(key, val)
+            except Exception:
+                log.exception("on_change for %s", self.topic)
