@@ -90,7 +90,6 @@ class RetryTiers(ConsumerRebalanceListener):
         self.tasks: set[asyncio.Task[None]] = set()
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._lag_at = 0.0
         self._lag_task: asyncio.Task[None] | None = None
 

@@ -173,7 +173,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     app.service(ComponentsService)
     observe.install(app, comps)  # DLQ view (comps.dlq_view), webhooks_dlq_size, Faust consumer lag
     comps.faust_app = app
-    app.fanout = fanout  # type: ignore[attr-defined]
     return app, comps
 
 
