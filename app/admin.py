@@ -31,6 +31,7 @@ from app.config import ConfigError, Settings, parse_duration
 from app.endpoints import MAX_GRACE, Endpoint, create_endpoint, rotate_secret, update_endpoint
 from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.events import InvalidEvent, build_event, parse_event, parse_rfc3339
+from app.outbox import PublishError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,11 @@ class Admin:
         shared = getattr(components, "dlq_view", None)
         self._own_dlq = shared is None
         self.dlq = TopicTable(settings, DLQ_TOPIC, on_change=self._dlq_changed) if shared is None else shared
+        # Followed from the first API request on, not from start: reading back every attempt record
+        # costs a worker CPU per delivery, and most workers never serve the admin API.
         self.attempts = AttemptLog(settings)
+        self._attempts_lock = asyncio.Lock()
+        self._attempts_started = False
         self._write_lock = asyncio.Lock()
         self.insecure = not settings.admin_token and settings.admin_insecure
 
@@ -178,7 +183,6 @@ class Admin:
     async def on_startup(self, app: web.Application) -> None:
         if self._own_dlq:
             await self.dlq.start()
-        await self.attempts.start()
 
     async def on_cleanup(self, app: web.Application) -> None:
         for part in (self.attempts, self.dlq) if self._own_dlq else (self.attempts,):
@@ -191,6 +195,24 @@ class Admin:
         from app import metrics
 
         metrics.DLQ_SIZE.set(len(self.dlq.data))
+
+    async def _follow_attempts(self, timeout: float = 10.0) -> None:
+        """Start following webhooks.attempts if this is the first API request; wait until the view
+        holds what was written before it (the latest records per partition), within `timeout`."""
+        if not self._attempts_started:
+            async with self._attempts_lock:
+                if not self._attempts_started:
+                    try:
+                        await self.attempts.start()
+                    except Exception as exc:  # Kafka unreachable: answer without attempts, retry later
+                        log.warning("attempt log not available: %s", exc)
+                        return
+                    self._attempts_started = True
+        if not self.attempts.ready.is_set():
+            try:
+                await asyncio.wait_for(self.attempts.ready.wait(), timeout)
+            except TimeoutError:
+                log.info("attempt log still catching up; answering from what it has")
 
     # ---- auth and error handling --------------------------------------------------------------------
     def authorised(self, request: web.Request) -> bool:
@@ -207,6 +229,7 @@ class Admin:
         try:
             if not self.authorised(request):
                 raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            await self._follow_attempts()
             return await handler(request)
         except ApiError as exc:
             headers = {"WWW-Authenticate": 'Bearer realm="perfex-webhooks"'} if exc.status == 401 else None
@@ -235,10 +258,8 @@ class Admin:
             await asyncio.wait_for(fut, KAFKA_TIMEOUT)
         except (TimeoutError, OSError) as exc:
             raise ApiError(503, "Kafka did not acknowledge the write; try again") from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith("aiokafka"):
-                raise ApiError(503, f"Kafka refused the write: {type(exc).__name__}") from exc
-            raise
+        except PublishError as exc:
+            raise ApiError(503, f"Kafka refused the write: {exc}") from exc
 
     async def _registry_fresh(self) -> None:
         """Include every registry write acknowledged before this request (e.g. by the CLI)."""

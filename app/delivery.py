@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import functools
 import hashlib
 import secrets
 import ssl
@@ -19,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 
 from app import __version__
 from app.config import Settings
@@ -152,6 +154,12 @@ class Attempt:
         }
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed_url(url: str) -> yarl.URL:
+    # Endpoint URLs are few and reused for every delivery: parse each once, not per request.
+    return yarl.URL(url)
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped at 24 h."""
     if not value:
@@ -213,11 +221,9 @@ class HttpSender:
                 secrets=endpoint.secrets_now(started),
                 version=__version__,
             )
-            host = aiohttp.client.URL(endpoint.url).host or ""
-            check_literal_host(host, self.settings.allow_private_targets)
-            async with self._session.post(
-                endpoint.url, data=body, headers=headers, allow_redirects=False
-            ) as resp:
+            url = _parsed_url(endpoint.url)
+            check_literal_host(url.host or "", self.settings.allow_private_targets)
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 # Read at most a small cap: the body only matters for the attempt log.
                 snippet = await resp.content.read(self.settings.response_body_cap)

@@ -66,7 +66,7 @@ class Dispatcher:
             return
         waiting = self._waiting.get(ep.id, 0)
         if waiting >= self.max_waiting_per_endpoint and self._slow.get(ep.id):
-            metrics.DELIVERIES.labels(endpoint=ep.id, mode=d.mode, outcome="deferred").inc()
+            metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
             if tier is None:
                 await self._schedule(d, None)
             else:
@@ -89,12 +89,13 @@ class Dispatcher:
         await self._after(d, ep.id, attempt)
 
     async def _after(self, d: Delivery, endpoint_id: str, a: Attempt) -> None:
-        d.attempts.append(a.record())
-        metrics.DELIVERIES.labels(endpoint=endpoint_id, mode=d.mode, outcome=a.outcome).inc()
-        metrics.ATTEMPT_LATENCY.labels(mode=d.mode).observe(a.latency_ms / 1000)
-        await self._log_attempt(d, a)
+        record = a.record()
+        d.attempts.append(record)
+        metrics.child(metrics.DELIVERIES, endpoint_id, d.mode, a.outcome).inc()
+        metrics.child(metrics.ATTEMPT_LATENCY, d.mode).observe(a.latency_ms / 1000)
+        await self._log_attempt(d, record)
         if a.ok:
-            metrics.END_TO_END.labels(mode=d.mode).observe(max(0.0, time.time() - d.occurred_ts))
+            metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
             return
         d.failures += 1
         if a.retry_after:
@@ -149,13 +150,13 @@ class Dispatcher:
         metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
         await self.outbox.publish(DLQ, rec["id"], orjson.dumps(rec))
 
-    async def _log_attempt(self, d: Delivery, a: Attempt) -> None:
+    async def _log_attempt(self, d: Delivery, attempt: dict[str, Any]) -> None:
         rec: dict[str, Any] = {
             "delivery_id": d.id,
             "endpoint_id": d.endpoint_id,
             "event": d.event,
             "mode": d.mode,
-            **a.record(),
+            **attempt,
         }
         try:
             # The attempt log is observability: queue it, do not hold the delivery for its ack.

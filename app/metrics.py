@@ -6,6 +6,8 @@ URLs, delivery ids and resource ids never become labels.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,3 +75,16 @@ ENDPOINTS = Gauge("webhooks_endpoints", "Registered endpoints by state", ["state
 ENDPOINTS_DISABLED_BY_410 = Counter(
     "webhooks_endpoints_disabled_total", "Endpoints disabled by a 410 Gone", registry=REGISTRY
 )
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, memoised: labels() validates and locks on every call, and the
+    delivery hot path asks for the same few children thousands of times a second."""
+    key = (id(metric), values)
+    c = _children.get(key)
+    if c is None:
+        c = _children[key] = metric.labels(*values)
+    return c

@@ -9,6 +9,7 @@ connect. IP-literal hosts bypass aiohttp's resolver, so `check_literal_host` cov
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from urllib.parse import urlsplit
@@ -63,13 +64,21 @@ def forbidden_reason(ip_text: str) -> str | None:
 
 
 def check_literal_host(host: str, allow_private: bool) -> None:
+    if why := _literal_verdict(host, allow_private):
+        raise ForbiddenTarget(why)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_verdict(host: str, allow_private: bool) -> str | None:
+    # Called before every request with the same few hosts: the verdict is a pure function of them.
     host = host.strip("[]")
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return  # a name: the resolver checks it at connect time
+        return None  # a name: the resolver checks it at connect time
     if not allow_private and (why := forbidden_reason(host)):
-        raise ForbiddenTarget(f"{host} is a {why}")
+        return f"{host} is a {why}"
+    return None
 
 
 def validate_url(url: str, allow_private: bool, resolve: bool = True) -> str:

@@ -4,11 +4,11 @@
   removes the entry) and keeps `webhooks_dlq_size` equal to the size of that view. Every worker
   follows the whole topic, so every worker reports the same number: dashboards take `max`, not
   `sum`. The admin API reuses it as `components.dlq_view` instead of following the topic twice.
-- `update_faust_lag` sets `webhooks_consumer_lag{topic}` for the two consumer-group topics Faust
-  consumes (`crm.events`, `webhooks.deliveries`): end offset minus committed offset (the fetch
-  position until this group has committed anything), summed over the partitions this worker is
-  assigned. Workers own disjoint partitions, so `sum by (topic)` over workers is the group's lag.
-  The retry tiers set the same metric for the tier topics (app/retry.py).
+- `update_faust_lag` sets `webhooks_consumer_lag{topic}` for `crm.events`, the topic Faust
+  consumes: end offset minus committed offset (the fetch position until this group has committed
+  anything), summed over the partitions this worker is assigned. Workers own disjoint partitions,
+  so `sum by (topic)` over workers is the group's lag. The delivery agent (app/delivery_agent.py)
+  measures the same for `webhooks.deliveries`, and the retry tiers for the tier topics (app/retry.py).
 
 Topic label values are logical names (no WEBHOOKS_TOPIC_PREFIX): a bounded set that dashboards
 can name.
@@ -29,7 +29,7 @@ from app.topic_tables import TopicTable
 log = logging.getLogger(__name__)
 
 DLQ_TOPIC = "webhooks.dlq"
-FAUST_TOPICS = ("crm.events", "webhooks.deliveries")
+FAUST_TOPICS = ("crm.events",)
 LAG_INTERVAL = 1.0  # seconds between lag updates; a few cheap reads of consumer state
 
 
@@ -111,5 +111,6 @@ def install(app: Any, comps: Any) -> None:
             return
         try:
             await update_faust_lag(app, settings)
+            metrics.CONSUMER_LAG.labels(topic="webhooks.deliveries").set(comps.agent.lag)
         except Exception:  # observability must never take the worker down
             log.exception("consumer lag")

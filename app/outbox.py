@@ -1,45 +1,111 @@
-"""The worker's Kafka producer (aiokafka): deliveries, tier moves, DLQ, attempts, registry writes.
+"""The worker's Kafka producer: deliveries, tier moves, DLQ, attempts, registry writes.
+
+librdkafka (confluent-kafka) rather than aiokafka: every delivery produces at least one record
+(its attempt) and an async one two, and librdkafka batches, encodes and sends them in its own C
+threads, where aiokafka does that work in Python on the event loop (docs/performance.md).
+Delivery reports are served on the event loop itself (`poll(0)` every couple of milliseconds
+while records are unacknowledged), so each callback resolves its future directly: no thread, no
+hand-over between threads, nothing polled when nothing is pending.
 
 `send` returns once the record is queued and hands back a future for the broker's acknowledgement;
 callers that must not lose the record (a tier move before its source offset is committed) await it.
-aiokafka's default partitioner is murmur2, the same as the Java client and `emit`.
+The partitioner is murmur2_random, the same as the Java client, aiokafka and `emit`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from app.config import Settings
 
 log = logging.getLogger(__name__)
 
+# Errors a retry cannot fix: the record itself is refused.
+_FATAL_RECORD = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError._INVALID_ARG,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+}
+
+
+class PublishError(Exception):
+    """A record the broker refused; `retriable` says whether sending it again may succeed."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(error.str())
+        self.error = error
+        self.retriable = error.code() not in _FATAL_RECORD and not error.fatal()
+
 
 class Outbox:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: Producer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = 0  # records produced and not yet reported
+        self._poller: asyncio.Handle | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,  # 10 ms measured no throughput gain (docs/performance.md); keep latency low
-            max_request_size=4 * 1024 * 1024,
-            request_timeout_ms=30000,
+        self._loop = asyncio.get_running_loop()
+        self._producer = Producer(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "acks": "all",
+                "enable.idempotence": True,
+                "partitioner": "murmur2_random",
+                "linger.ms": 2,  # 10 ms measured no throughput gain; keep immediate latency low
+                "message.max.bytes": 4 * 1024 * 1024,
+                # A record not acked in this long fails its future; `publish` then sends it again.
+                "message.timeout.ms": 30_000,
+                "socket.keepalive.enable": True,
+                "log_level": 4,
+            },
+            logger=logging.getLogger("perfex_webhooks.librdkafka"),
         )
-        await self._producer.start()
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
+        if self._producer is None:
+            return
+        await self.flush()
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        self._producer = None
 
+    # ---- delivery reports, served on the loop -----------------------------------------------------
+    def _schedule_poll(self, delay: float) -> None:
+        if self._poller is None and self._loop is not None:
+            self._poller = self._loop.call_later(delay, self._poll)
+
+    def _poll(self) -> None:
+        self._poller = None
+        if self._producer is None:
+            return
+        served = self._producer.poll(0)  # runs the report callbacks for every record acked since
+        if self._pending > 0:
+            # Busy: look again soon. Acks come in batches (linger.ms), so 2 ms costs no latency
+            # that matters and keeps the polling cheap.
+            self._schedule_poll(0.0005 if served else 0.002)
+
+    def _report(self, fut: asyncio.Future[Any], err: Any, msg: Any) -> None:
+        self._pending -= 1
+        if fut.done():
+            return
+        if err is None:
+            fut.set_result(msg.offset())
+        else:
+            fut.set_exception(PublishError(err))
+
+    # ---- API ---------------------------------------------------------------------------------------
     async def send(
         self,
         topic: str,
@@ -51,11 +117,28 @@ class Outbox:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[Any]:
         """Queue one record on a logical topic (prefix added unless full_name); returns the ack future."""
-        assert self._producer is not None, "Outbox.start() first"
+        producer = self._producer
+        assert producer is not None and self._loop is not None, "Outbox.start() first"
         raw = value if value is None or isinstance(value, bytes) else orjson.dumps(value)
-        k = key.encode() if isinstance(key, str) else key
         name = topic if full_name else self.settings.topic(topic)
-        return await self._producer.send(name, raw, key=k, partition=partition, headers=headers)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        kw: dict[str, Any] = {"on_delivery": lambda err, msg: self._report(fut, err, msg)}
+        if partition is not None:
+            kw["partition"] = partition
+        if headers:
+            kw["headers"] = headers
+        while True:
+            try:
+                producer.produce(name, raw, key, **kw)
+                self._pending += 1
+                self._schedule_poll(0.002)
+                return fut
+            except BufferError:  # librdkafka's queue is full: let it drain (backpressure)
+                await asyncio.sleep(0.005)
+            except KafkaException as exc:
+                err = exc.args[0]
+                fut.set_exception(PublishError(err))
+                return fut
 
     async def send_and_wait(self, topic: str, key: str | bytes | None, value: Any, **kw: Any) -> Any:
         return await (await self.send(topic, key, value, **kw))
@@ -71,17 +154,20 @@ class Outbox:
         while True:
             try:
                 return await self.send_and_wait(topic, key, value, **kw)
-            except KafkaError as exc:
-                if not exc.retriable and not isinstance(exc, KafkaTimeoutError):
+            except PublishError as exc:
+                if not exc.retriable:
                     raise  # e.g. a record over the topic's size limit: retrying cannot help
                 log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            except OSError as exc:
-                log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
 
-    async def flush(self) -> None:
-        if self._producer is not None:
-            await self._producer.flush()
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued record is acknowledged or failed (reports served here, on the loop)."""
+        producer = self._producer
+        if producer is None:
+            return
+        deadline = time.monotonic() + timeout
+        while len(producer) > 0 and time.monotonic() < deadline:
+            producer.poll(0)
+            await asyncio.sleep(0.005)
+        producer.poll(0)

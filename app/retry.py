@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -22,6 +21,7 @@ from aiokafka.structs import OffsetAndMetadata
 from app import metrics
 from app.config import Settings
 from app.delivery import Attempt, Delivery
+from app.offsets import PartitionOffsets
 
 if TYPE_CHECKING:
     from app.dispatch import Dispatcher
@@ -49,35 +49,6 @@ def next_hop(settings: Settings, delivery: Delivery, attempt: Attempt | None) ->
     return TIER_TOPICS[index], index
 
 
-class _Offsets:
-    """In-order bookkeeping of one partition's started and finished offsets."""
-
-    __slots__ = ("committed", "done", "started")
-
-    def __init__(self) -> None:
-        self.started: deque[int] = deque()
-        self.done: set[int] = set()
-        self.committed: int | None = None
-
-    def start(self, offset: int) -> None:
-        self.started.append(offset)
-
-    def finish(self, offset: int) -> None:
-        self.done.add(offset)
-
-    def committable(self) -> int | None:
-        """Offset to commit: one past the longest finished prefix."""
-        last = None
-        while self.started and self.started[0] in self.done:
-            last = self.started.popleft()
-            self.done.discard(last)
-        return None if last is None else last + 1
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.started)
-
-
 class RetryTiers(ConsumerRebalanceListener):
     def __init__(self, settings: Settings, dispatcher: Dispatcher, max_tasks: int = 256) -> None:
         self.settings = settings
@@ -85,7 +56,7 @@ class RetryTiers(ConsumerRebalanceListener):
         self.delays = dict(zip(settings.tier_topics(), settings.retry_schedule, strict=True))
         self.index = {t: i for i, t in enumerate(settings.tier_topics())}
         self.paused: dict[TopicPartition, float] = {}
-        self.offsets: dict[TopicPartition, _Offsets] = {}
+        self.offsets: dict[TopicPartition, PartitionOffsets] = {}
         self.slots = asyncio.Semaphore(max_tasks)
         self.tasks: set[asyncio.Task[None]] = set()
         self.consumer: AIOKafkaConsumer | None = None
@@ -133,7 +104,7 @@ class RetryTiers(ConsumerRebalanceListener):
     async def _drain(self, tps: set[TopicPartition], timeout: float) -> None:
         """Let in-flight records of these partitions finish, then commit what is finished."""
         deadline = time.monotonic() + timeout
-        while any(self.offsets.get(tp) and self.offsets[tp].in_flight for tp in tps):
+        while any(self.offsets.get(tp) and self.offsets[tp].unfinished for tp in tps):
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -182,7 +153,7 @@ class RetryTiers(ConsumerRebalanceListener):
                             self.paused[tp] = due
                             break
                         await self.slots.acquire()
-                        self.offsets.setdefault(tp, _Offsets()).start(rec.offset)
+                        self.offsets.setdefault(tp, PartitionOffsets()).start(rec.offset)
                         task = asyncio.create_task(self._process(tp, rec))
                         self.tasks.add(task)
                         task.add_done_callback(self.tasks.discard)

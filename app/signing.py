@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import math
+import re
 import secrets as _secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -208,10 +209,13 @@ def standard_signature(msg_id: str, timestamp: int, body: bytes, secret: str) ->
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
+_PRINTABLE_ASCII = re.compile(r"[ -~]+")
+
+
 def _header_safe(name: str, value: str) -> str:
     # Event names and delivery ids end up in header values: anything but printable ASCII (CR/LF
     # above all) could split or smuggle headers, so refuse it rather than sanitise it.
-    if not value or not all(" " <= ch <= "~" for ch in value):
+    if not _PRINTABLE_ASCII.fullmatch(value):
         raise ValueError(f"{name} must be non-empty printable ASCII, got {value!r}")
     return value
 

@@ -1,10 +1,11 @@
 """`perfex-webhooks worker`: the Faust app that runs fan-out, delivery, retry tiers, admin web, /metrics.
 
-Faust runs the two consumer-group agents (fan-out on `crm.events`, delivery on
-`webhooks.deliveries`) and the changelogged smart table. Both agents run at concurrency=1 (Faust
-#606) and get their parallelism from concurrent HTTP inside the agent, acking each record only when
-its work is safe. The retry tiers use their own aiokafka consumer (pause/seek/resume); the endpoint
-registry is a topic view every worker follows; the admin web is a plain aiohttp app.
+Faust runs the fan-out agent on `crm.events` and the changelogged smart table it shares partitions
+with. The agent runs at concurrency=1 (Faust #606) and gets its parallelism from concurrent work
+inside it, acking each record only when that work is safe. The delivery agent on
+`webhooks.deliveries` (the async hot path) is a librdkafka consumer of its own (app/delivery_agent.py);
+the retry tiers use their own aiokafka consumer (pause/seek/resume); the endpoint registry is a topic
+view every worker follows; the admin web is a plain aiohttp app.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from mode import Service
 
 from app import metrics, observe
 from app.config import Settings
-from app.delivery import Delivery, HttpSender
+from app.delivery import HttpSender
+from app.delivery_agent import DeliveryAgent
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.fanout import FanOut
@@ -43,7 +45,8 @@ class Components:
         self.web: Any = None
         self.faust_app: Any = None
         self.ready = asyncio.Event()
-        self.inflight: set[asyncio.Task[Any]] = set()  # work the agents started, drained on stop
+        self.inflight: set[asyncio.Future[Any]] = set()  # work the agents started, drained on stop
+        self.agent = DeliveryAgent(settings, self.dispatcher, tasks=self.inflight)
 
     def _count_endpoints(self) -> None:
         eps = self.registry.all()
@@ -56,6 +59,7 @@ class Components:
         await self.registry.start()
         await asyncio.wait_for(self.registry.ready.wait(), 60)
         await self.tiers.start()
+        await self.agent.start()
         from app.web import WebServer
 
         self.web = WebServer(self.settings, self)
@@ -67,6 +71,10 @@ class Components:
         # Faust stops this service before its agents: let the work they started finish while the
         # producer and HTTP session still exist, so a graceful stop acks it instead of leaving it to
         # the next owner as duplicates. Bounded: an attempt never outlives the delivery timeout.
+        try:
+            await self.agent.stop()  # stops taking records, finishes and commits its own
+        except Exception:
+            log.exception("stopping the delivery agent")
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=self.settings.delivery_timeout + 2)
         for part in (self.web, self.tiers, self.registry, self.sender, self.outbox):
@@ -80,7 +88,6 @@ class Components:
 
 def create_app(settings: Settings) -> tuple[faust.App, Components]:
     events_spec = spec("crm.events")
-    deliveries_spec = spec("webhooks.deliveries")
     app = faust.App(
         settings.group_id,
         broker=f"kafka://{settings.bootstrap_servers}",
@@ -104,7 +111,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     )
     comps = Components(settings)
     os.makedirs(app.conf.datadir, exist_ok=True)
-    _reseek_after_flow_resume(app, {settings.topic(t) for t in ("crm.events", "webhooks.deliveries")})
+    _reseek_after_flow_resume(app, {settings.topic("crm.events")})
 
     events_topic = app.topic(
         settings.topic("crm.events"),
@@ -113,14 +120,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         key_serializer="raw",
         value_serializer="raw",
         partitions=events_spec.partitions,
-    )
-    deliveries_topic = app.topic(
-        settings.topic("webhooks.deliveries"),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=deliveries_spec.partitions,
     )
     pending = app.Table(
         "smart-pending",
@@ -136,16 +135,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         async for event in stream.noack().events():
             msg = event.message
             await fanout.handle(msg.key, msg.value, msg.headers, msg.partition, event.ack)
-
-    @app.agent(deliveries_topic, concurrency=1)
-    async def deliver(stream: faust.StreamT) -> None:
-        await comps.ready.wait()
-        slots = asyncio.Semaphore(settings.max_in_flight * 8)
-        async for event in stream.noack().events():
-            await slots.acquire()
-            task = asyncio.ensure_future(_deliver_one(comps.dispatcher, event, slots))
-            comps.inflight.add(task)
-            task.add_done_callback(comps.inflight.discard)
 
     smart_tick = max(0.02, min(0.25, settings.smart_window / 10))
 
@@ -223,22 +212,6 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
             task.add_done_callback(tasks.discard)
 
     flow.resume = resume_without_losing  # type: ignore[method-assign]
-
-
-async def _deliver_one(dispatcher: Dispatcher, event: Any, slots: asyncio.Semaphore) -> None:
-    try:
-        try:
-            d = Delivery.decode(event.message.value)
-        except Exception as exc:
-            await dispatcher.park_raw(event.message.key, event.message.value, f"unreadable: {exc}")
-        else:
-            await dispatcher.dispatch(d)
-        event.ack()
-    except Exception:
-        # Left unacked: redelivered after a restart or rebalance, never skipped.
-        log.exception("delivery failed unexpectedly; record left unacked")
-    finally:
-        slots.release()
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

@@ -9,9 +9,9 @@ registry) and the receiver process; then the same bodies go through the bare cli
 throughput baseline) in the same process. Both report CPU per delivery (this process only;
 time.process_time, so waiting for a CPU under load does not count) and rate. `--profile` runs
 the Dispatcher phase under cProfile and prints the top functions by own time. A third phase feeds
-the same Dispatcher from a plain aiokafka consumer of `webhooks.deliveries` (records produced
-first): the delivery agent's cost without Faust, to compare with `async_throughput --stage
-deliveries`.
+the same Dispatcher through the worker's delivery agent (records produced to `webhooks.deliveries`
+first): what consuming adds, to compare with `async_throughput --stage deliveries` (the same agent
+inside a whole worker).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from app.delivery import Delivery, HttpSender
+from app.delivery_agent import DeliveryAgent
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import build_event, parse_event
@@ -70,12 +71,10 @@ async def _run_dispatcher(settings: Any, deliveries: list[Delivery], lanes: int,
         await outbox.stop()
 
 
-async def _run_consumer(settings: Any, n: int, lanes: int) -> tuple[float, int]:
-    """The same Dispatcher fed by a plain aiokafka consumer on this loop (no Faust, no thread):
-    what the delivery agent would cost without Faust's per-message machinery. Commits once at the
-    end: a measurement, not the ordering-safe offset bookkeeping a worker needs (app/retry.py)."""
-    from aiokafka import AIOKafkaConsumer
-
+async def _run_agent(settings: Any, n: int, rx: ReceiverProcess, path: str) -> float:
+    """The same Dispatcher fed by the worker's delivery agent (app/delivery_agent.py: librdkafka
+    consumer, offset bookkeeping, commits), without Faust: CPU of this whole process, librdkafka's
+    threads included, until the receiver has all `n`."""
     outbox, sender = Outbox(settings), HttpSender(settings)
     registry = Registry(settings)
     await outbox.start()
@@ -83,44 +82,14 @@ async def _run_consumer(settings: Any, n: int, lanes: int) -> tuple[float, int]:
     await registry.start()
     await asyncio.wait_for(registry.ready.wait(), 60)
     dispatcher = Dispatcher(settings, registry, sender, outbox)
-    consumer = AIOKafkaConsumer(
-        settings.topic("webhooks.deliveries"),
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=f"{settings.group_id}.bench",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    slots = asyncio.Semaphore(lanes * 8)  # as the delivery agent: max_in_flight * 8 records held
-    tasks: set[asyncio.Task[None]] = set()
-    done = 0
-
-    async def one(raw: bytes) -> None:
-        nonlocal done
-        try:
-            await dispatcher.dispatch(Delivery.decode(raw))
-            done += 1
-        finally:
-            slots.release()
-
+    agent = DeliveryAgent(settings, dispatcher)
     try:
         c0 = time.process_time()
-        seen = 0
-        while seen < n:
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
-            for records in batches.values():
-                for rec in records:
-                    await slots.acquire()
-                    task = asyncio.create_task(one(rec.value))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    seen += 1
-        await asyncio.gather(*tasks)
-        await consumer.commit()
-        await outbox.flush()
-        return time.process_time() - c0, done
+        await agent.start()
+        await asyncio.to_thread(rx.wait_for, n, path, 600)
+        return time.process_time() - c0
     finally:
-        await consumer.stop()
+        await agent.stop()
         await registry.stop()
         await sender.stop()
         await outbox.stop()
@@ -153,7 +122,7 @@ def run(
             for d in items:
                 d.endpoint_id = ep2.id
                 p.send("webhooks.deliveries", d.resource_key, d.encode())
-        cpu_consumer, consumed = asyncio.run(_run_consumer(s, deliveries, concurrency))
+        cpu_agent = asyncio.run(_run_agent(s, deliveries, rx, "/consumer"))
         c_stats = rx.stats("/consumer")
     result.update(
         {
@@ -162,8 +131,8 @@ def run(
             "dispatcher_cpu_ms_per_delivery": round(cpu_dispatch * 1000 / deliveries, 3),
             "bare_cpu_ms_per_request": round(cpu_bare * 1000 / deliveries, 3),
             "cpu_ratio_dispatcher_over_bare": round(cpu_dispatch / cpu_bare, 2),
-            "aiokafka_consumer_per_s": round(_rate(c_stats)),
-            "aiokafka_consumer_cpu_ms_per_delivery": round(cpu_consumer * 1000 / consumed, 3),
+            "agent_per_s": round(_rate(c_stats)),
+            "agent_cpu_ms_per_delivery": round(cpu_agent * 1000 / deliveries, 3),
         }
     )
     if prof is not None and profile:
@@ -187,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result,
         [
             "deliveries", "dispatcher_per_s", "bare_per_s", "dispatcher_cpu_ms_per_delivery",
-            "bare_cpu_ms_per_request", "cpu_ratio_dispatcher_over_bare", "aiokafka_consumer_per_s",
-            "aiokafka_consumer_cpu_ms_per_delivery",
+            "bare_cpu_ms_per_request", "cpu_ratio_dispatcher_over_bare", "agent_per_s",
+            "agent_cpu_ms_per_delivery",
         ],
     )  # fmt: skip
     if "profile_top" in result:

@@ -37,14 +37,16 @@ def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
 
 def test_async_throughput(runs) -> None:
     r = runs["async"].result()
-    assert r["worker_deliveries"] == r["worker_unique_ids"] == 40
-    assert r["ratio"] > 0 and all(x > 0 for x in r["baseline_per_s"])
+    assert all(x > 0 for x in r["baseline_per_s"])
+    for stage in ("deliveries", "events"):
+        assert r[stage]["worker_deliveries"] == r[stage]["worker_unique_ids"] == 40
+        assert r[stage]["ratio"] > 0
 
 
 def test_hotpath(runs) -> None:
     r = runs["hotpath"].result()
     assert r["dispatcher_cpu_ms_per_delivery"] > 0 and r["bare_cpu_ms_per_request"] > 0
-    assert r["aiokafka_consumer_cpu_ms_per_delivery"] > 0
+    assert r["agent_cpu_ms_per_delivery"] > 0
 
 
 def test_immediate_latency(runs) -> None:

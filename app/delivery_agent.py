@@ -1,0 +1,224 @@
+"""The delivery agent: consumes `webhooks.deliveries` (async and smart deliveries) and dispatches them.
+
+A librdkafka consumer (confluent-kafka) in the consumer group `<group>.deliveries`, not a Faust
+agent: this is the hot path of async mode, and Faust's per-message stream machinery plus aiokafka's
+Python fetch cost about twice the HTTP attempt itself (docs/performance.md). librdkafka fetches and
+decodes in its own C threads; one Python thread takes batches from it and hands them to the event
+loop, where each record becomes one `Dispatcher.dispatch` task (bounded: at most `max_in_flight * 8`
+records held, and the Dispatcher's global and per-endpoint caps on top).
+
+Offsets are committed only up to the first record not yet finished (app/offsets.py). A record whose
+dispatch raised stays unfinished: it is delivered again after a restart or rebalance, never
+skipped. On revocation the agent lets the revoked partitions' in-flight records finish (an
+attempt never outlives the delivery timeout) and commits them before the partitions move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from app.config import Settings
+from app.delivery import Delivery
+from app.dispatch import Dispatcher
+from app.offsets import PartitionOffsets
+
+log = logging.getLogger(__name__)
+
+TOPIC = "webhooks.deliveries"
+BATCH = 500
+COMMIT_INTERVAL = 1.0  # seconds between offset commits while records flow
+
+
+class DeliveryAgent:
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher, tasks: set[asyncio.Future[Any]] | None = None
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.topic = settings.topic(TOPIC)
+        self.group_id = f"{settings.group_id}.deliveries"
+        self.slots = asyncio.Semaphore(settings.max_in_flight * 8)
+        # Work started for records not yet finished; the worker drains it before a graceful stop.
+        self.tasks: set[asyncio.Future[Any]] = set() if tasks is None else tasks
+        # Per assigned partition. A revocation replaces the object, so a task that finishes after
+        # its partition moved marks an orphan instead of the next assignment's bookkeeping.
+        self.offsets: dict[int, PartitionOffsets] = {}
+        self.lag = 0  # records behind the end of the assigned partitions, updated by the thread
+        self._consumer: Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._committed: dict[int, int] = {}
+
+    # ---- lifecycle (event loop) -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A SIGKILLed worker's partitions move after this long; heartbeats run in librdkafka.
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+                "max.poll.interval.ms": 300_000,
+                "log_level": 4,
+            },
+            logger=logging.getLogger("perfex_webhooks.librdkafka"),
+        )
+        self._consumer.subscribe(
+            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="delivery-agent", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop taking records, let the started ones finish, commit them and leave the group."""
+        if self._consumer is None:
+            return
+        self._running = False
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, self.settings.delivery_timeout + 10)
+        mine = [t for t in self.tasks if not t.done()]
+        if mine:
+            await asyncio.wait(mine, timeout=self.settings.delivery_timeout + 2)
+        consumer, self._consumer = self._consumer, None
+        await asyncio.to_thread(self._close, consumer)
+
+    def _close(self, consumer: Consumer) -> None:
+        try:
+            self._commit(consumer, asynchronous=False)
+        finally:
+            consumer.close()  # leaves the group: the partitions move at once
+
+    # ---- the consumer thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        consumer, loop = self._consumer, self._loop
+        assert consumer is not None and loop is not None
+        last_commit = last_lag = time.monotonic()
+        while self._running:
+            try:
+                first = consumer.poll(0.2)  # rebalance callbacks run inside this call
+                msgs = [first] if first is not None else []
+                if first is not None:
+                    msgs += consumer.consume(BATCH - 1, 0)  # whatever else is already fetched
+                if msgs:
+                    asyncio.run_coroutine_threadsafe(self._take(msgs), loop).result()
+                now = time.monotonic()
+                if now - last_commit >= COMMIT_INTERVAL:
+                    last_commit = now
+                    self._commit(consumer, asynchronous=True)
+                if now - last_lag >= 1.0:
+                    last_lag = now
+                    self.lag = self._lag(consumer)
+            except RuntimeError:  # the event loop closed under us: the worker is exiting
+                return
+            except Exception:  # never let the agent die: log and keep consuming
+                log.exception("delivery agent")
+                time.sleep(0.5)
+
+    def _commit(self, consumer: Consumer, *, asynchronous: bool) -> None:
+        offsets = []
+        for partition, book in list(self.offsets.items()):
+            upto = book.committable()
+            if upto is not None and upto != self._committed.get(partition):
+                offsets.append(TopicPartition(self.topic, partition, upto))
+                self._committed[partition] = upto
+        if offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            except Exception as exc:  # committed again next time; at worst re-delivered
+                log.warning("delivery agent commit failed: %s", exc)
+                for tp in offsets:
+                    self._committed.pop(tp.partition, None)
+
+    def _lag(self, consumer: Consumer) -> int:
+        total = 0
+        for tp in consumer.assignment():
+            try:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                pos = consumer.position([tp])[0].offset
+            except Exception:
+                continue
+            done = self._committed.get(tp.partition, pos)
+            if high >= 0 and done is not None and done >= 0:
+                total += max(0, high - done)
+        return total
+
+    # ---- rebalance callbacks (consumer thread, inside poll) ---------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.offsets[tp.partition] = PartitionOffsets()
+            self._committed.pop(tp.partition, None)
+        log.info("delivery agent assigned %s", sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {tp.partition for tp in partitions}
+        if self._loop is not None and self._running:
+            drain = asyncio.run_coroutine_threadsafe(self._drain(revoked), self._loop)
+            try:
+                drain.result(self.settings.delivery_timeout + 5)
+            except Exception as exc:
+                log.warning("draining revoked partitions: %r", exc)
+        self._commit(consumer, asynchronous=False)
+        self._forget(revoked)
+        log.info("delivery agent revoked %s", sorted(revoked))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Already someone else's: committing now would be refused; their owner re-delivers.
+        self._forget({tp.partition for tp in partitions})
+        log.warning("delivery agent lost %s", sorted(tp.partition for tp in partitions))
+
+    def _forget(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.offsets.pop(p, None)
+            self._committed.pop(p, None)
+
+    # ---- the event loop side ----------------------------------------------------------------------
+    async def _take(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("delivery agent: %s", err.str())
+                continue
+            book = self.offsets.get(msg.partition())
+            if book is None:  # fetched just before its partition was revoked: its next owner reads it
+                continue
+            await self.slots.acquire()
+            offset = msg.offset()
+            book.start(offset)
+            task = asyncio.ensure_future(self._one(msg.key(), msg.value(), book, offset))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _one(self, key: bytes | None, value: bytes | None, book: PartitionOffsets, offset: int) -> None:
+        try:
+            try:
+                d = Delivery.decode(value or b"")
+            except Exception as exc:
+                await self.dispatcher.park_raw(key, value, f"unreadable: {exc}")
+            else:
+                await self.dispatcher.dispatch(d)
+            book.finish(offset)
+        except Exception:
+            # Left unfinished: re-delivered after a restart or rebalance, never skipped.
+            log.exception("delivery failed unexpectedly; record left uncommitted")
+        finally:
+            self.slots.release()
+
+    async def _drain(self, partitions: set[int]) -> None:
+        deadline = time.monotonic() + self.settings.delivery_timeout + 2
+        while time.monotonic() < deadline:
+            if not any((b := self.offsets.get(p)) is not None and b.unfinished for p in partitions):
+                return
+            await asyncio.sleep(0.02)

@@ -1,0 +1,117 @@
+"""The worker's own librdkafka clients against the real broker: the producer (app/outbox.py) and
+the delivery agent's offsets (app/delivery_agent.py). End to end they are exercised by every
+delivery test; these pin down what those cannot see: what is committed while a record is still
+in flight, and how a record the broker refuses is reported."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from app.config import Settings
+from app.delivery import Delivery
+from app.delivery_agent import DeliveryAgent
+from app.outbox import Outbox, PublishError
+from app.topics import apply
+
+pytestmark = pytest.mark.kafka
+
+
+def test_outbox_acks_with_the_offset_and_refuses_an_oversized_record_at_once(settings: Settings) -> None:
+    apply(settings)
+
+    async def go() -> None:
+        outbox = Outbox(settings)
+        await outbox.start()
+        try:
+            first = await outbox.publish("webhooks.attempts", "ep_1", b"{}")
+            second = await outbox.publish("webhooks.attempts", "ep_1", {"n": 2})  # same key, same partition
+            assert second == first + 1
+            started = time.monotonic()
+            with pytest.raises(PublishError) as refused:
+                await outbox.publish("webhooks.attempts", "ep_1", b"x" * 1_500_000)  # topic limit: 1 MB
+            assert not refused.value.retriable
+            assert time.monotonic() - started < 10  # reported, not retried until a timeout
+        finally:
+            await outbox.stop()
+
+    asyncio.run(go())
+
+
+class HoldingDispatcher:
+    """Records what it is given; the deliveries named in `held` wait until released."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.seen: list[str] = []
+        self.parked: list[str] = []
+        self.release = asyncio.Event()
+        self.held = held
+
+    async def dispatch(self, d: Delivery) -> None:
+        self.seen.append(d.id)
+        if d.id in self.held:
+            await self.release.wait()
+
+    async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
+        self.parked.append(reason)
+
+
+def _delivery(i: int) -> bytes:
+    return Delivery(
+        id=f"dlv_{i}",
+        endpoint_id="ep_1",
+        event="invoice.updated",
+        event_id=f"evt_{i}",
+        occurred_at="2026-11-27T10:00:00.000Z",
+        occurred_ts=0.0,
+        resource_key="invoice:1",
+        data={"id": "1"},
+    ).encode()
+
+
+def test_delivery_agent_commits_only_up_to_the_first_unfinished_record(settings: Settings) -> None:
+    apply(settings)
+    topic = settings.topic("webhooks.deliveries")
+    p = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for i in range(20):
+        p.produce(topic, _delivery(i), b"invoice:1", partition=0)
+    p.produce(topic, b"not json", b"invoice:1", partition=0)  # offset 20: parked, not a stall
+    assert p.flush(10) == 0
+    group = f"{settings.group_id}.deliveries"
+    probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+
+    def committed() -> int:
+        (tp,) = probe.committed([TopicPartition(topic, 0)], timeout=5)
+        return tp.offset
+
+    async def wait_for(check: Any, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(check):
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+
+    async def go() -> None:
+        dispatcher = HoldingDispatcher(held={"dlv_5"})
+        agent = DeliveryAgent(settings, dispatcher)  # type: ignore[arg-type]
+        await agent.start()
+        try:
+            await wait_for(lambda: len(dispatcher.seen) == 20 and dispatcher.parked, "all records taken")
+            # Records 0-4 are done and so are 6-20, but 5 is in flight: the commit stops at 5, so a
+            # crash now would deliver 5 again (and 6-20 as duplicates), never skip it.
+            await wait_for(lambda: committed() == 5, "commit up to the unfinished record")
+            await asyncio.sleep(2 * 1.0)  # two commit intervals: it must not move past 5
+            assert committed() == 5
+            dispatcher.release.set()
+            await wait_for(lambda: committed() == 21, "commit of everything once it finished")
+            assert dispatcher.parked[0].startswith("unreadable")
+        finally:
+            await agent.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        probe.close()
