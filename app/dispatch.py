@@ -93,7 +93,7 @@ class Dispatcher:
         d.attempts.append(record)
         metrics.child(metrics.DELIVERIES, endpoint_id, d.mode, a.outcome).inc()
         metrics.child(metrics.ATTEMPT_LATENCY, d.mode).observe(a.latency_ms / 1000)
-        await self._log_attempt(d, record)
+        self._log_attempt(d, record)
         if a.ok:
             metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
             return
@@ -150,7 +150,7 @@ class Dispatcher:
         metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
         await self.outbox.publish(DLQ, rec["id"], orjson.dumps(rec))
 
-    async def _log_attempt(self, d: Delivery, attempt: dict[str, Any]) -> None:
+    def _log_attempt(self, d: Delivery, attempt: dict[str, Any]) -> None:
         rec: dict[str, Any] = {
             "delivery_id": d.id,
             "endpoint_id": d.endpoint_id,
@@ -158,11 +158,8 @@ class Dispatcher:
             "mode": d.mode,
             **attempt,
         }
-        try:
-            # The attempt log is observability: queue it, do not hold the delivery for its ack.
-            await self.outbox.send(ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
-        except Exception as exc:
-            log.warning("attempt log: %s", exc)
+        # The attempt log is observability: queue it, do not hold the delivery for its ack.
+        self.outbox.send_untracked(ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
 
     async def disable_endpoint(self, endpoint_id: str, reason: str) -> None:
         ep = self.registry.get(endpoint_id)

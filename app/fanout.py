@@ -84,9 +84,8 @@ class FanOut:
                 await self.slots.acquire()
                 self._ack_when_done([self._spawn(self._invalid(key, value, exc.reason, exc.detail))], ack)
                 return
-            metrics.child(metrics.EVENTS_CONSUMED, ev.event).inc()
-            waits: list[asyncio.Future[Any]] = []
-            queued: list[tuple[asyncio.Future[Any], Delivery]] = []
+            metrics.EVENTS_CONSUMED.labels(event=ev.event).inc()
+            waits: list[Awaitable[Any]] = []
             now = time.time()
             for ep in self.registry.matching(ev.event):
                 if ep.mode == "immediate":
@@ -100,9 +99,7 @@ class FanOut:
                 else:
                     d = Delivery.for_event(ev, ep, "async")
                     await self.slots.acquire()
-                    queued.append((await self.outbox.send(DELIVERIES, d.resource_key, d.encode()), d))
-            if queued:
-                waits.append(self._acked(queued))
+                    waits.append(self._spawn(self.outbox.publish(DELIVERIES, d.resource_key, d.encode())))
             self._ack_when_done(waits, ack)
         except Exception:
             # Never let an exception escape the agent loop (its offset would be skipped). This is a
@@ -112,35 +109,6 @@ class FanOut:
                 await self._invalid(key, value, "internal_error", "see worker log")
             finally:
                 ack()
-
-    def _acked(self, queued: list[tuple[asyncio.Future[Any], Delivery]]) -> asyncio.Future[None]:
-        """Done when every queued delivery record is acknowledged. The hot path of async mode: plain
-        callbacks on the producer's ack futures, no task per record; a record the broker did not take
-        is published again (retrying through an outage) by a task, only then."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        left = len(queued)
-        failed: list[Delivery] = []
-
-        def on_ack(fut: asyncio.Future[Any], d: Delivery) -> None:
-            nonlocal left
-            self.slots.release()
-            if fut.cancelled() or fut.exception() is not None:
-                failed.append(d)
-            left -= 1
-            if left == 0 and not done.done():
-                if failed:
-                    retry = asyncio.ensure_future(self._republish(failed))
-                    retry.add_done_callback(lambda t: _copy_outcome(t, done))
-                else:
-                    done.set_result(None)
-
-        for fut, d in queued:
-            fut.add_done_callback(lambda f, d=d: on_ack(f, d))
-        return done
-
-    async def _republish(self, deliveries: list[Delivery]) -> None:
-        for d in deliveries:
-            await self.outbox.publish(DELIVERIES, d.resource_key, d.encode())
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         async def run() -> None:
@@ -154,23 +122,23 @@ class FanOut:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _ack_when_done(self, waits: list[asyncio.Future[Any]], ack: Callable[[], Any]) -> None:
+    def _ack_when_done(self, waits: list[Awaitable[Any]], ack: Callable[[], Any]) -> None:
         if not waits:
             ack()
             return
-        gate = waits[0] if len(waits) == 1 else asyncio.gather(*waits)
 
-        def settle(f: asyncio.Future[Any]) -> None:
-            if f.cancelled() or f.exception() is not None:
+        async def wait_then_ack() -> None:
+            results = await asyncio.gather(*waits, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
                 # Not acked: the record is consumed again after a restart or rebalance.
-                error = "cancelled" if f.cancelled() else repr(f.exception())
-                log.error("fan-out work failed, record left unacked: %s", error)
+                log.error("fan-out work failed, record left unacked: %r", errors[0])
                 return
             ack()
 
-        gate.add_done_callback(settle)
-        self._tasks.add(gate)
-        gate.add_done_callback(self._tasks.discard)
+        task = asyncio.ensure_future(wait_then_ack())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _invalid(self, key: bytes | None, value: bytes | None, reason: str, detail: str) -> None:
         metrics.INVALID_EVENTS.labels(reason=reason).inc()
@@ -261,17 +229,6 @@ class FanOut:
                 sent += len(batch)
         metrics.SMART_PENDING.set(n_pending)
         return sent
-
-
-def _copy_outcome(task: asyncio.Task[Any], done: asyncio.Future[None]) -> None:
-    if done.done():
-        return
-    if task.cancelled():
-        done.cancel()
-    elif (exc := task.exception()) is not None:
-        done.set_exception(exc)
-    else:
-        done.set_result(None)
 
 
 def _is_marker(headers: Any) -> bool:

@@ -192,7 +192,7 @@ def run(
     result["target_ratio"] = 0.5
     for name, row in measured.items():
         row["ratio"] = round(row["worker_per_s"] / base_mean, 3)
-        result[name] = row
+        result[f"{name}_stage"] = row
     return result
 
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = save("async_throughput", result)
     flat = dict(result)
     for name in result["stages"]:
-        for key, value in result[name].items():
+        for key, value in result[f"{name}_stage"].items():
             flat[f"{name}: {key}"] = value
     keys = ["events", "concurrency", "baseline_per_s", "baseline_cpu_ms_per_request"]
     for name in result["stages"]:

@@ -38,7 +38,7 @@ def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
 def test_async_throughput(runs) -> None:
     r = runs["async"].result()
     assert all(x > 0 for x in r["baseline_per_s"])
-    for stage in ("deliveries", "events"):
+    for stage in ("deliveries_stage", "events_stage"):
         assert r[stage]["worker_deliveries"] == r[stage]["worker_unique_ids"] == 40
         assert r[stage]["ratio"] > 0
 
