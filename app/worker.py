@@ -25,6 +25,7 @@ from app.delivery_agent import DeliveryAgent
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.fanout import FanOut
+from app.logfilter import quiet_repeats
 from app.outbox import Outbox
 from app.retry import RetryTiers
 from app.topics import spec
@@ -255,6 +256,15 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # not built for this platform: asyncio's loop works, only slower
         pass
+    quiet_repeats(  # a broker outage must not flood the log (app/logfilter.py)
+        "aiokafka",
+        "aiokafka.conn",
+        "aiokafka.cluster",
+        "aiokafka.consumer.fetcher",
+        "aiokafka.consumer.group_coordinator",
+        "perfex_webhooks.librdkafka",
+        "app.observe",
+    )
     app, _ = create_app(settings)
     worker = Worker(app, loglevel=loglevel, quiet=True)
     # Faust keeps a terminal spinner at --loglevel warning and above, and for it sets the root logger

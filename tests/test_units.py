@@ -102,3 +102,22 @@ def test_delivery_body_is_the_documented_shape() -> None:
     d.collapsed = 1  # a smart delivery of a single event carries no `collapsed`
     assert b"collapsed" not in d.body(0)
     assert Delivery.decode(d.encode()) == d
+
+
+def test_repeat_filter_lets_one_of_a_kind_through_per_interval() -> None:
+    import logging
+
+    from app.logfilter import RepeatFilter
+
+    f = RepeatFilter(interval=60)
+
+    def rec(msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka", level, __file__, 1, msg, ("x",), None)
+
+    assert f.filter(rec("Unable connect to node with id %s"))
+    assert not any(f.filter(rec("Unable connect to node with id %s")) for _ in range(500))
+    assert f.filter(rec("Unable to update metadata from %s"))  # another kind still passes
+    assert f.filter(rec("Unable connect to node with id %s", logging.INFO))  # below WARNING: untouched
+    f._seen[("aiokafka", "Unable connect to node with id %s")] = (-1e9, 500)  # the interval is over
+    again = rec("Unable connect to node with id %s")
+    assert f.filter(again) and "500 more like this" in again.getMessage()
