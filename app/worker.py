@@ -112,7 +112,16 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     )
     comps = Components(settings)
     os.makedirs(app.conf.datadir, exist_ok=True)
-    _reseek_after_flow_resume(app, {settings.topic("crm.events")})
+    streams = {settings.topic("crm.events")}
+    _reseek_after_flow_resume(app, streams)
+    stalled_heads: dict[Any, int] = {}
+
+    @app.timer(2.0)
+    async def reread_dropped_heads() -> None:
+        try:
+            _reread_dropped_heads(app, streams, stalled_heads)
+        except Exception:  # a safety net must not become a failure of its own
+            log.exception("re-reading dropped records")
 
     events_topic = app.topic(
         settings.topic("crm.events"),
@@ -177,12 +186,14 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
        past N though N was never acked (dropped, or still in flight in our concurrent agent: a
        rebalance commits while it waits for in-flight records). tests/test_scale.py lost 1 to 14
        events per scale-out to these. So: commits never move past a record that was not acked
-       (`_commit_only_acked`; for a partition never committed, the head is its earliest offset),
-       and when flow control has cleared the queues, each stream partition is sought back to its
-       first record that was still queued, dropping the bogus gap: our input topics are neither
-       compacted nor transactional. Records read again are processed twice (at-least-once).
+       (`_commit_only_acked`; for a partition never committed, the head is its earliest offset;
+       Faust's gaps are discarded, our input topics being neither compacted nor transactional);
+       when flow control has cleared the queues, each stream partition is sought back to its first
+       record that was still queued; and a head record that is nowhere in the worker while later
+       ones are acked is read again (`_reread_dropped_heads`, every 2 s). Records read again are
+       processed twice (at-least-once, same delivery ids).
     """
-    _commit_only_acked()
+    _commit_only_acked(streams)
     flow = app.flow_control
     resume = flow.resume
     tasks: set[asyncio.Task[None]] = set()
@@ -228,8 +239,13 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
     flow.resume = resume_without_losing  # type: ignore[method-assign]
 
 
-def _commit_only_acked() -> None:
-    """Make Faust's commit stop at the first record not acked (see _reseek_after_flow_resume)."""
+def _commit_only_acked(streams: set[str]) -> None:
+    """Make Faust's commit stop at the first record not acked (see _reseek_after_flow_resume).
+
+    For our stream topics Faust's "gaps" (offset ranges it counts as acked because it never saw
+    them) are never real: they are neither compacted nor transactional, so a gap only comes from a
+    record Faust dropped. They are discarded instead of committed past.
+    """
     from faust.transport.consumer import Consumer
 
     original = Consumer._new_offset
@@ -237,14 +253,42 @@ def _commit_only_acked() -> None:
         return
 
     def _new_offset(self: Any, tp: Any) -> int | None:
-        committed = self._committed_offset.get(tp)
-        acked = self._acked.get(tp)
-        if acked and committed is not None and not self._gap.get(tp) and min(acked) > committed:
-            return None  # the record at `committed` is not done yet: nothing to commit
+        if tp.topic in streams:
+            self._gap.pop(tp, None)
+            committed = self._committed_offset.get(tp)
+            acked = self._acked.get(tp)
+            if acked and committed is not None and min(acked) > committed:
+                return None  # the record at `committed` is not done yet: nothing to commit
         return original(self, tp)  # type: ignore[no-any-return]
 
     _new_offset.only_acked = True  # type: ignore[attr-defined]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
+
+
+def _reread_dropped_heads(app: faust.App, streams: set[str], stalled: dict[Any, int]) -> None:
+    """Timer body: a stream partition whose head record (the committed offset) is neither acked nor
+    anywhere in the worker while later records are acked was dropped by Faust; after two ticks in
+    that state, seek back to it so it is read again (the records after it are read twice)."""
+    consumer = app.consumer
+    in_flight = {(m.tp, m.offset) for m in list(consumer._unacked_messages)}
+    seen: set[Any] = set()
+    for tp in list(consumer.assignment()):
+        if tp.topic not in streams:
+            continue
+        committed = consumer._committed_offset.get(tp)
+        acked = consumer._acked.get(tp)
+        if committed is None or not acked or min(acked) <= committed or (tp, committed) in in_flight:
+            continue
+        seen.add(tp)
+        if stalled.get(tp) != committed:
+            stalled[tp] = committed  # first sighting: it may still be on its way to the agent
+            continue
+        task = asyncio.ensure_future(consumer.seek(tp, committed))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        log.info("re-reading %s:%s from %s: its head record was dropped", tp.topic, tp.partition, committed)
+        del stalled[tp]
+    for tp in set(stalled) - seen:
+        del stalled[tp]
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
