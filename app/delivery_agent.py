@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from app.config import Settings
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
-from app.offsets import PartitionOffsets
+from app.offsets import PartitionOffsets, until_finished
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class DeliveryAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
-        self._committed: dict[int, int] = {}
 
     # ---- lifecycle (event loop) -------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,19 +126,20 @@ class DeliveryAgent:
                 time.sleep(0.5)
 
     def _commit(self, consumer: Consumer, *, asynchronous: bool) -> None:
-        offsets = []
+        offsets, books = [], []
         for partition, book in list(self.offsets.items()):
             upto = book.committable()
-            if upto is not None and upto != self._committed.get(partition):
+            if upto is not None and upto != book.committed:
                 offsets.append(TopicPartition(self.topic, partition, upto))
-                self._committed[partition] = upto
+                books.append(book)
+                book.committed = upto
         if offsets:
             try:
                 consumer.commit(offsets=offsets, asynchronous=asynchronous)
             except Exception as exc:  # committed again next time; at worst re-delivered
                 log.warning("delivery agent commit failed: %s", exc)
-                for tp in offsets:
-                    self._committed.pop(tp.partition, None)
+                for book in books:
+                    book.committed = None
 
     def _lag(self, consumer: Consumer) -> int:
         total = 0
@@ -149,7 +149,8 @@ class DeliveryAgent:
                 pos = consumer.position([tp])[0].offset
             except Exception:
                 continue
-            done = self._committed.get(tp.partition, pos)
+            book = self.offsets.get(tp.partition)
+            done = book.committed if book is not None and book.committed is not None else pos
             if high >= 0 and done is not None and done >= 0:
                 total += max(0, high - done)
         return total
@@ -158,13 +159,14 @@ class DeliveryAgent:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.offsets[tp.partition] = PartitionOffsets()
-            self._committed.pop(tp.partition, None)
         log.info("delivery agent assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions}
         if self._loop is not None and self._running:
-            drain = asyncio.run_coroutine_threadsafe(self._drain(revoked), self._loop)
+            drain = asyncio.run_coroutine_threadsafe(
+                until_finished(self.offsets, revoked, self.settings.delivery_timeout + 2), self._loop
+            )
             try:
                 drain.result(self.settings.delivery_timeout + 5)
             except Exception as exc:
@@ -181,7 +183,6 @@ class DeliveryAgent:
     def _forget(self, partitions: set[int]) -> None:
         for p in partitions:
             self.offsets.pop(p, None)
-            self._committed.pop(p, None)
 
     # ---- the event loop side ----------------------------------------------------------------------
     async def _take(self, msgs: list[Any]) -> None:
@@ -215,10 +216,3 @@ class DeliveryAgent:
             log.exception("delivery failed unexpectedly; record left uncommitted")
         finally:
             self.slots.release()
-
-    async def _drain(self, partitions: set[int]) -> None:
-        deadline = time.monotonic() + self.settings.delivery_timeout + 2
-        while time.monotonic() < deadline:
-            if not any((b := self.offsets.get(p)) is not None and b.unfinished for p in partitions):
-                return
-            await asyncio.sleep(0.02)

@@ -6,7 +6,11 @@ finished: committing past an unfinished record would skip it after a restart (fa
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
+from collections.abc import Collection, Mapping
+from typing import Any
 
 
 class PartitionOffsets:
@@ -37,3 +41,15 @@ class PartitionOffsets:
     def unfinished(self) -> int:
         """Started and not finished yet (finished records wait in `started` until committable())."""
         return len(self.started) - len(self.done)
+
+
+async def until_finished(
+    books: Mapping[Any, PartitionOffsets], keys: Collection[Any], timeout: float
+) -> None:
+    """Wait, at most `timeout` seconds, until no record of these partitions is unfinished (before
+    they are committed and handed over). Looked up on every round: a book may be dropped meanwhile."""
+    deadline = time.monotonic() + timeout
+    while any((b := books.get(k)) is not None and b.unfinished for k in keys):
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.02)

@@ -21,7 +21,7 @@ from aiokafka.structs import OffsetAndMetadata
 from app import metrics
 from app.config import Settings
 from app.delivery import Attempt, Delivery
-from app.offsets import PartitionOffsets
+from app.offsets import PartitionOffsets, until_finished
 
 if TYPE_CHECKING:
     from app.dispatch import Dispatcher
@@ -103,11 +103,7 @@ class RetryTiers(ConsumerRebalanceListener):
 
     async def _drain(self, tps: set[TopicPartition], timeout: float) -> None:
         """Let in-flight records of these partitions finish, then commit what is finished."""
-        deadline = time.monotonic() + timeout
-        while any(self.offsets.get(tp) and self.offsets[tp].unfinished for tp in tps):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        await until_finished(self.offsets, tps, timeout)
         await self._commit(tps)
 
     async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
