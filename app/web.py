@@ -1,4 +1,4 @@
-"""The worker's HTTP surface on WEBHOOKS_WEB_PORT: /metrics, /health, /ready (admin API and page: app/admin.py).
+"""The worker's HTTP surface on WEBHOOKS_WEB_PORT: /metrics, /health, /ready (admin API and page: app/admin/).
 
 A plain aiohttp app (aiohttp is already the delivery client and a Faust dependency) rather than
 Faust's web views: ordinary routing and middleware, and it is up as soon as the components are.

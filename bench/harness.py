@@ -29,9 +29,9 @@ import orjson
 from app.config import Settings
 from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.endpoints import Endpoint, create_endpoint
-from app.local_broker import KAFKA_VERSION, LocalBroker, free_port
 from app.producer import Producer
 from app.topics import apply
+from devtools.local_broker import KAFKA_VERSION, LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = Path(os.environ.get("BENCH_OUTPUT", REPO / "test-output" / "bench"))

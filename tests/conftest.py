@@ -35,7 +35,7 @@ def kafka() -> Iterator[BrokerHandle]:
         _broker = BrokerHandle(external, None)
         yield _broker
         return
-    from app.local_broker import LocalBroker
+    from devtools.local_broker import LocalBroker
 
     data = OUTPUT / "kafka" / uuid.uuid4().hex[:8]
     broker = LocalBroker(data)

@@ -16,10 +16,10 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from click.testing import CliRunner
 
 from app.config import Settings
 from app.signing import verify_hex
+from tests.helpers import cli, cli_json, eventually
 from tests.receiver import Receiver, Reply
 from tests.workers import TOKEN, WorkerProcess
 
@@ -28,18 +28,6 @@ pytestmark = pytest.mark.kafka
 OPENAPI = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 METHODS = ("get", "post", "put", "patch", "delete")
 MAX_EVENT_BYTES = 20_000
-
-
-def eventually(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll fn until it returns something truthy (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s (last: {last!r})")
 
 
 def module_settings(kafka: Any) -> Settings:
@@ -74,24 +62,6 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
         for w in [worker, *extra]:
             w.stop()
         receiver.stop()
-
-
-def cli(settings: Settings, *args: str, **extra: str | None) -> Any:
-    from app.cli import main
-
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "WEBHOOKS_TOPIC_PREFIX": settings.topic_prefix,
-        "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
-        **extra,
-    }
-    return CliRunner().invoke(main, ["--env-file", "/nonexistent", *args], env=env)
-
-
-def cli_json(settings: Settings, *args: str) -> Any:
-    res = cli(settings, *args, "--json")
-    assert res.exit_code == 0, res.output
-    return orjson.loads(res.output)
 
 
 def openapi_routes() -> set[tuple[str, str]]:

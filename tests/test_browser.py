@@ -4,7 +4,6 @@ see them delivered. Screenshots (desktop and phone width) go to test-output/brow
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from app.config import Settings
+from tests.helpers import eventually
 from tests.receiver import Receiver, Reply
 from tests.workers import TOKEN, WorkerProcess
 
@@ -37,16 +37,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium"),
 ]
-
-
-def eventually(fn: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from app.config import Settings
+from tests.helpers import produce_load, register_load_endpoints
 from tests.receiver import Receiver
-from tests.test_metrics import produce_load, register_load_endpoints
 from tests.workers import OUTPUT, WorkerProcess, free_port
 
 pytestmark = pytest.mark.kafka

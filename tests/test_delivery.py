@@ -7,20 +7,11 @@ import time
 import orjson
 import pytest
 
-from app.config import Settings
-from app.endpoints import TOPIC, Endpoint, create_endpoint
 from app.producer import Producer
 from app.signing import verify, verify_hex, verify_standard
-from tests.receiver import Receiver
+from tests.helpers import register
 
 pytestmark = pytest.mark.kafka
-
-
-def register(settings: Settings, receiver: Receiver, path: str, events: str, mode: str) -> Endpoint:
-    ep = create_endpoint(settings, url=receiver.url(path), events=events, mode=mode)
-    with Producer(settings) as p:
-        p.send(TOPIC, ep.id, ep.record())
-    return ep
 
 
 def test_immediate_signed_delivery_to_matching_endpoints_only(settings, receiver, workers) -> None:
@@ -175,7 +166,7 @@ def test_bad_input_is_parked_and_good_events_around_it_delivered(settings, recei
         p.emit("invoice.paid", "5", {"id": "5"})
     got = receiver.wait_for(2, "/g", timeout=30)
     assert sorted(r.json["data"]["id"] for r in got) == ["1", "5"]
-    from tests.test_foundation import read_all
+    from tests.helpers import read_all
 
     invalid = read_all(settings, "crm.events.invalid", 3)
     reasons = sorted(orjson.loads(m.value())["reason"] for m in invalid)

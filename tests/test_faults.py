@@ -21,8 +21,8 @@ from aiohttp import web
 from app.config import Settings
 from app.dlq import read_view
 from app.events import build_event
+from tests.helpers import metric, register
 from tests.receiver import Received, Receiver, Reply
-from tests.test_delivery import register
 
 pytestmark = pytest.mark.kafka
 
@@ -127,16 +127,6 @@ def duplicates_report(label: str, got: list[Received], expected: set[str]) -> tu
         f"{split} events delivered under more than one delivery id"
     )
     return dups, split
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # ---- SIGKILL ------------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import orjson
 import pytest
 import yaml
 from click.testing import CliRunner
-from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from app.catalog import load_catalog, matches
 from app.cli import main
 from app.config import Settings
 from app.topics import apply, load_specs
+from tests.helpers import read_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_CATALOG = ROOT.parent / "shared" / "catalog.yaml"
@@ -144,27 +144,6 @@ def murmur2(data: bytes) -> int:
 
 def java_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-def read_all(settings: Settings, topic: str, expect: int, timeout: float = 20.0) -> list:
-    c = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": "reader-" + settings.topic_prefix,
-            "enable.auto.commit": False,
-        }
-    )
-    name = settings.topic(topic)
-    parts = c.list_topics(name, timeout=10).topics[name].partitions
-    c.assign([TopicPartition(name, p, 0) for p in parts])
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < expect and time.monotonic() < deadline:
-        msg = c.poll(0.5)
-        if msg is not None and msg.error() is None:
-            out.append(msg)
-    c.close()
-    return out
 
 
 def test_emit_cli_writes_documented_envelope_on_murmur2_partition(settings: Settings) -> None:

@@ -209,8 +209,7 @@ def test_hostile_corpus_is_parked_with_reasons_and_the_worker_keeps_going(
 ) -> None:
     import httpx
 
-    from tests.test_delivery import register
-    from tests.test_foundation import read_all
+    from tests.helpers import read_all, register
 
     register(settings, receiver, "/good", "invoice.*", "immediate")
     register(settings, receiver, "/good-async", "invoice.*", "async")

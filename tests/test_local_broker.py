@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from app import local_broker
-from app.local_broker import LocalBroker, fetch_jars
+from devtools import local_broker
+from devtools.local_broker import LocalBroker, fetch_jars
 
 
 def test_second_fetch_is_a_cache_hit_without_maven(monkeypatch: pytest.MonkeyPatch) -> None:

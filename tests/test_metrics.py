@@ -1,6 +1,6 @@
 """/metrics of a real worker under a mixed load: bounded labels, DLQ size, consumer lag, per-mode series.
 
-`register_load_endpoints` and `produce_load` are shared with tests/test_dashboards.py, which needs
+`register_load_endpoints` and `produce_load` (tests/helpers.py) are shared with tests/test_dashboards.py, which needs
 the same kinds of traffic (success in every mode, smart bursts, failures into retry tiers and the
 DLQ, invalid input) so that every dashboard panel has data.
 """
@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from app.dlq import read_view
-from app.endpoints import Endpoint
 from app.producer import Producer
-from tests.receiver import Receiver, Reply
-from tests.test_delivery import register
+from tests.helpers import Load, metric_value, parse_metrics, produce_load, register_load_endpoints
+from tests.receiver import Receiver
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.kafka
@@ -29,69 +25,12 @@ pytestmark = pytest.mark.kafka
 ALLOWED_LABELS = {"event", "reason", "endpoint", "mode", "outcome", "tier", "topic", "state", "le"}
 
 
-@dataclass
-class Load:
-    endpoints: dict[str, Endpoint]  # role -> endpoint
-    resource_ids: list[str]  # unique per run: none may show up in a label
-    events: int  # valid events produced
-    invalid: int  # bad records produced
-
-
-def register_load_endpoints(
-    settings: Settings, receiver: Receiver, fail: str = "async"
-) -> dict[str, Endpoint]:
-    """One endpoint per mode that succeeds, one that always fails (HTTP 500) and one that says 410."""
-    receiver.on("/fail", lambda n: Reply(500, body=b"down"))
-    receiver.on("/gone", lambda n: Reply(410, body=b"gone"))
-    return {
-        "immediate": register(settings, receiver, "/immediate", "invoice.*,lead.*", "immediate"),
-        "async": register(settings, receiver, "/async", "invoice.*,lead.*", "async"),
-        "smart": register(settings, receiver, "/smart", "invoice.*", "smart"),
-        "fail": register(settings, receiver, "/fail", "lead.created", fail),
-        "gone": register(settings, receiver, "/gone", "lead.deleted", "immediate"),
-    }
-
-
-def produce_load(settings: Settings, endpoints: dict[str, Endpoint], rounds: int = 4) -> Load:
-    """Smart bursts on 3 invoices (12 events), 3 leads for the failing endpoint, 1 event for the 410
-    endpoint, and two bad records."""
-    tag = uuid.uuid4().hex[:6]
-    invoices = [f"inv{tag}{i}" for i in range(3)]
-    leads = [f"lead{tag}{i}" for i in range(3)]
-    n = 0
-    with Producer(settings) as p:
-        for r in range(rounds):
-            for rid in invoices:
-                p.emit(
-                    "invoice.updated", rid, {"id": rid, "total": f"{r}.50", "url": "https://crm.example/x"}
-                )
-                n += 1
-        for rid in leads:
-            p.emit("lead.created", rid, {"id": rid, "name": "Ada"})
-            n += 1
-        p.emit("lead.deleted", leads[0], {"id": leads[0]})  # to the endpoint that answers 410
-        n += 1
-        p.send("crm.events", f"invoice:{invoices[0]}", b"{not json")
-        p.send("crm.events", f"invoice:{invoices[1]}", {"id": "evt_x", "event": "no.such_event"})
-    return Load(endpoints, invoices + leads, n, 2)
-
-
-def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
-    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
-def value(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float | None:
-    """The sum of samples named `name` whose labels include `labels` (None if there is none)."""
-    hits = [v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())]
-    return sum(hits) if hits else None
-
-
 def wait_metrics(
     w: WorkerProcess, cond: Callable[[list[tuple[str, dict[str, str], float]]], bool], timeout: float = 30.0
 ) -> list[tuple[str, dict[str, str], float]]:
     deadline = time.monotonic() + timeout
     while True:
-        samples = parse(w.metrics())
+        samples = parse_metrics(w.metrics())
         if cond(samples):
             return samples
         if time.monotonic() > deadline:
@@ -135,43 +74,43 @@ def test_metrics_under_load(settings: Settings, receiver: Receiver, workers) -> 
 
     def settled(s: list[tuple[str, dict[str, str], float]]) -> bool:
         return (
-            value(s, "webhooks_dlq_size") == 1  # the 410 one
-            and value(s, "webhooks_consumer_lag", topic="webhooks.retry.5m") == n_leads
-            and value(s, "webhooks_consumer_lag", topic="crm.events") == 0
-            and value(s, "webhooks_consumer_lag", topic="webhooks.deliveries") == 0
-            and value(s, "webhooks_retries_scheduled_total", tier="5m") == n_leads
-            and value(s, "webhooks_smart_pending") == 0
+            metric_value(s, "webhooks_dlq_size") == 1  # the 410 one
+            and metric_value(s, "webhooks_consumer_lag", topic="webhooks.retry.5m") == n_leads
+            and metric_value(s, "webhooks_consumer_lag", topic="crm.events") == 0
+            and metric_value(s, "webhooks_consumer_lag", topic="webhooks.deliveries") == 0
+            and metric_value(s, "webhooks_retries_scheduled_total", tier="5m") == n_leads
+            and metric_value(s, "webhooks_smart_pending") == 0
         )
 
     s = wait_metrics(w, settled)
     assert label_problems(s, load) == []
 
-    assert value(s, "webhooks_events_consumed_total", event="invoice.updated") == n_invoice_events
-    assert value(s, "webhooks_events_consumed_total", event="lead.created") == n_leads
-    assert value(s, "webhooks_events_consumed_total", event="lead.deleted") == 1
-    assert value(s, "webhooks_invalid_events_total", reason="not_json") == 1
-    assert value(s, "webhooks_invalid_events_total") == load.invalid
+    assert metric_value(s, "webhooks_events_consumed_total", event="invoice.updated") == n_invoice_events
+    assert metric_value(s, "webhooks_events_consumed_total", event="lead.created") == n_leads
+    assert metric_value(s, "webhooks_events_consumed_total", event="lead.deleted") == 1
+    assert metric_value(s, "webhooks_invalid_events_total", reason="not_json") == 1
+    assert metric_value(s, "webhooks_invalid_events_total") == load.invalid
     ok = eps["immediate"].id
-    assert value(s, "webhooks_deliveries_total", endpoint=ok, outcome="success") == load.events
-    assert value(s, "webhooks_deliveries_total", endpoint=eps["fail"].id, outcome="http_error") == 3 * n_leads
-    assert value(s, "webhooks_deliveries_total", endpoint=eps["gone"].id, outcome="gone") == 1
+    assert metric_value(s, "webhooks_deliveries_total", endpoint=ok, outcome="success") == load.events
+    assert metric_value(s, "webhooks_deliveries_total", endpoint=eps["fail"].id, outcome="http_error") == 3 * n_leads
+    assert metric_value(s, "webhooks_deliveries_total", endpoint=eps["gone"].id, outcome="gone") == 1
     for mode in ("immediate", "async", "smart"):
-        assert (value(s, "webhooks_end_to_end_seconds_count", mode=mode) or 0) > 0, mode
-        assert (value(s, "webhooks_attempt_duration_seconds_count", mode=mode) or 0) > 0, mode
-    assert value(s, "webhooks_retries_scheduled_total", tier="30s") == n_leads
-    assert value(s, "webhooks_retries_scheduled_total", tier="1m") == n_leads
-    assert value(s, "webhooks_dlq_entries_total", reason="gone") == 1
-    assert value(s, "webhooks_smart_deliveries_total") == 3
-    assert value(s, "webhooks_smart_collapsed_events_total") == n_invoice_events
-    assert value(s, "webhooks_in_flight_requests") == 0
-    assert value(s, "webhooks_endpoints", state="disabled") == 1
+        assert (metric_value(s, "webhooks_end_to_end_seconds_count", mode=mode) or 0) > 0, mode
+        assert (metric_value(s, "webhooks_attempt_duration_seconds_count", mode=mode) or 0) > 0, mode
+    assert metric_value(s, "webhooks_retries_scheduled_total", tier="30s") == n_leads
+    assert metric_value(s, "webhooks_retries_scheduled_total", tier="1m") == n_leads
+    assert metric_value(s, "webhooks_dlq_entries_total", reason="gone") == 1
+    assert metric_value(s, "webhooks_smart_deliveries_total") == 3
+    assert metric_value(s, "webhooks_smart_collapsed_events_total") == n_invoice_events
+    assert metric_value(s, "webhooks_in_flight_requests") == 0
+    assert metric_value(s, "webhooks_endpoints", state="disabled") == 1
 
     # The DLQ gauge follows the topic: a replay's tombstone takes the entry out of the count.
     view = read_view(settings)
     assert len(view) == 1
     with Producer(settings) as p:
         p.send("webhooks.dlq", next(iter(view)), None)
-    wait_metrics(w, lambda s: value(s, "webhooks_dlq_size") == 0)
+    wait_metrics(w, lambda s: metric_value(s, "webhooks_dlq_size") == 0)
 
 
 def test_label_check_catches_leaks() -> None:

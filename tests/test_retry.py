@@ -7,15 +7,13 @@ import time
 
 import orjson
 import pytest
-from click.testing import CliRunner
 
-from app.cli import main
 from app.config import Settings
 from app.dlq import read_view
 from app.endpoints import read_endpoints
 from app.producer import Producer
+from tests.helpers import cli, register
 from tests.receiver import Reply
-from tests.test_delivery import register
 
 pytestmark = pytest.mark.kafka
 
@@ -29,14 +27,6 @@ def wait_dlq(settings: Settings, count: int, timeout: float = 30.0) -> dict:
         if len(view) >= count or time.monotonic() > deadline:
             return view
         time.sleep(0.2)
-
-
-def cli(settings: Settings, *args: str):
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "WEBHOOKS_TOPIC_PREFIX": settings.topic_prefix,
-    }
-    return CliRunner().invoke(main, list(args), env=env)
 
 
 def test_fails_three_times_then_succeeds_with_same_id_and_attempt_numbers(

@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 import pytest
-from click.testing import CliRunner
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from app.config import Settings
 from app.signing import generate_secret, verify_hex, verify_standard
+from tests.helpers import cli
 from tests.receiver import Received, Receiver
 from tests.workers import TOKEN, WorkerProcess
 
@@ -48,17 +48,6 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
     finally:
         worker.stop()
         receiver.stop()
-
-
-def cli(settings: Settings, *args: str) -> Any:
-    from app.cli import main
-
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "WEBHOOKS_TOPIC_PREFIX": settings.topic_prefix,
-        "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
-    }
-    return CliRunner().invoke(main, ["--env-file", "/nonexistent", *args], env=env)
 
 
 def make_endpoint(env: SimpleNamespace, path: str, event: str) -> dict[str, Any]:

@@ -26,9 +26,8 @@ import pytest
 
 from app.config import Settings
 from app.producer import Producer
+from tests.helpers import metric_value, parse_metrics, register
 from tests.receiver import Receiver
-from tests.test_delivery import register
-from tests.test_metrics import parse, value
 from tests.workers import OUTPUT, WorkerProcess
 
 pytestmark = pytest.mark.kafka
@@ -93,7 +92,7 @@ class Load(threading.Thread):
 
 
 def consumed(w: WorkerProcess, event: str) -> float:
-    return value(parse(w.metrics()), "webhooks_events_consumed_total", event=event) or 0.0
+    return metric_value(parse_metrics(w.metrics()), "webhooks_events_consumed_total", event=event) or 0.0
 
 
 def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -1,11 +1,11 @@
 """A real single-node Apache Kafka (KRaft broker+controller) on localhost, for development and tests.
 
-Kafka is not on PyPI or Debian, so the jars come from Maven Central (scripts/kafka/pom.xml) into a
+Kafka is not on PyPI or Debian, so the jars come from Maven Central (devtools/pom.xml) into a
 git-ignored cache; the second start finds them there and touches no network. Used by
 `scripts/run-local` when KAFKA_BOOTSTRAP_SERVERS is unset, by the test fixtures and by `.ci/run`.
 
-    python -m app.local_broker fetch                  # resolve the jars (idempotent)
-    python -m app.local_broker start --port 9092 --dir .cache/kafka/dev   # foreground until Ctrl-C
+    python -m devtools.local_broker fetch                  # resolve the jars (idempotent)
+    python -m devtools.local_broker start --port 9092 --dir .cache/kafka/dev   # foreground until Ctrl-C
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 KAFKA_VERSION = "4.0.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("PERFEX_KAFKA_CACHE", REPO_ROOT / ".cache" / "kafka"))
-POM = REPO_ROOT / "scripts" / "kafka" / "pom.xml"
+POM = Path(__file__).resolve().parent / "pom.xml"
 
 
 class BrokerError(RuntimeError):
@@ -251,7 +251,7 @@ def _silent_logger():  # librdkafka logs every refused connection while the brok
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.local_broker", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m devtools.local_broker", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch", help="resolve the Kafka jars from Maven Central into the cache")
     st = sub.add_parser("start", help="run a broker in the foreground until interrupted")

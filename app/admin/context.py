@@ -1,0 +1,113 @@
+"""What every admin route shares: the worker's components, the attempt log, Kafka writes and the
+freshness waits that give read-your-writes across workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from app.admin.http import ApiError
+from app.attempt_log import AttemptLog
+from app.config import Settings
+from app.endpoints import TOPIC as ENDPOINTS_TOPIC
+from app.endpoints import Endpoint
+from app.outbox import PublishError
+
+log = logging.getLogger("app.admin")
+
+KAFKA_TIMEOUT = 15.0  # seconds to wait for Kafka to acknowledge an admin write
+
+
+class AdminContext:
+    def __init__(self, settings: Settings, components: Any) -> None:
+        self.settings = settings
+        self.components = components
+        # Followed from the first API request on, not from start: reading back every attempt record
+        # costs a worker CPU per delivery, and most workers never serve the admin API.
+        self.attempts = AttemptLog(settings)
+        self._attempts_lock = asyncio.Lock()
+        self._attempts_started = False
+        self.write_lock = asyncio.Lock()  # one registry read-modify-write at a time per worker
+        self.insecure = not settings.admin_token and settings.admin_insecure
+
+    async def stop(self) -> None:
+        try:
+            await self.attempts.stop()
+        except Exception:
+            log.exception("stopping the attempt log")
+
+    @property
+    def dlq(self) -> Any:
+        """The worker's one DLQ view (app/observe.py), shared with the dispatcher."""
+        return self.components.dlq_view
+
+    @property
+    def registry(self) -> Any:
+        return self.components.registry
+
+    async def follow_attempts(self, timeout: float = 10.0) -> None:
+        """Start following webhooks.attempts if this is the first API request; wait until the view
+        holds what was written before it (the latest records per partition), within `timeout`."""
+        if not self._attempts_started:
+            async with self._attempts_lock:
+                if not self._attempts_started:
+                    try:
+                        await self.attempts.start()
+                    except Exception as exc:  # Kafka unreachable: answer without attempts, retry later
+                        log.warning("attempt log not available: %s", exc)
+                        return
+                    self._attempts_started = True
+        if not self.attempts.ready.is_set():
+            try:
+                await asyncio.wait_for(self.attempts.ready.wait(), timeout)
+            except TimeoutError:
+                log.info("attempt log still catching up; answering from what it has")
+
+    # ---- Kafka ------------------------------------------------------------------------------------
+    async def acked(self, topic: str, key: str, value: Any) -> None:
+        """Write one record through the worker's producer and wait for Kafka's acknowledgement."""
+        try:
+            fut = await asyncio.wait_for(self.components.outbox.send(topic, key, value), KAFKA_TIMEOUT)
+            await asyncio.wait_for(fut, KAFKA_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
+            raise ApiError(503, "Kafka did not acknowledge the write; try again") from exc
+        except PublishError as exc:
+            raise ApiError(503, f"Kafka refused the write: {exc}") from exc
+
+    async def registry_fresh(self) -> None:
+        """Include every registry write acknowledged before this request (e.g. by the CLI)."""
+        try:
+            await asyncio.wait_for(self.registry.table.caught_up(5), 6)
+        except Exception as exc:  # Kafka unreachable: answer from the view we have
+            log.info("registry view not confirmed fresh: %s", exc)
+
+    async def dlq_view(self) -> dict[str, dict[str, Any]]:
+        try:
+            await asyncio.wait_for(self.dlq.ready.wait(), 15)
+        except TimeoutError as exc:
+            raise ApiError(503, "the DLQ view is still loading; try again") from exc
+        return self.dlq.data  # type: ignore[no-any-return]
+
+    async def dlq_fresh(self) -> None:
+        try:
+            await asyncio.wait_for(self.dlq.caught_up(5), 6)
+        except Exception as exc:
+            log.info("DLQ view not confirmed fresh: %s", exc)
+
+    # ---- endpoints ----------------------------------------------------------------------------------
+    def endpoint(self, ep_id: str) -> Endpoint:
+        ep = self.registry.get(ep_id)
+        if ep is None:
+            raise ApiError(404, f"no endpoint {ep_id[:80]}")
+        return ep  # type: ignore[no-any-return]
+
+    def endpoint_view(self, ep: Endpoint) -> dict[str, Any]:
+        view = ep.public()
+        view["failure_streak"] = self.attempts.streak(ep.id)
+        view["last_attempt"] = self.attempts.last(ep.id)
+        return view
+
+    async def store(self, ep_id: str, ep: Endpoint | None) -> None:
+        await self.acked(ENDPOINTS_TOPIC, ep_id, None if ep is None else ep.record())
+        self.registry.apply_local(ep, ep_id)

@@ -1,0 +1,125 @@
+"""DLQ routes: list and show parked deliveries, replay one or a filtered set (app/dlq.py writes)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from app.admin.context import KAFKA_TIMEOUT, AdminContext
+from app.admin.http import ApiError, check_fields, int_query, json_response, read_json, time_value
+from app.dlq import Filter, is_replayable, replay_async, select, summary
+
+
+def dlq_row(entry: dict[str, Any], with_history: bool = False) -> dict[str, Any]:
+    row = summary(entry)
+    if not with_history:
+        row.pop("history", None)
+    row["replayable"] = is_replayable(entry)
+    return row
+
+
+def dlq_filter(src: Any) -> Filter:
+    for name in ("endpoint", "event"):
+        if src.get(name) is not None and not isinstance(src.get(name), str):
+            raise ApiError(400, f"{name}: expected string")
+    return Filter(
+        endpoint=src.get("endpoint") or None,
+        event=src.get("event") or None,
+        since=time_value(src.get("since"), "since"),
+        until=time_value(src.get("until"), "until"),
+    )
+
+
+class DlqRoutes:
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("GET", "/dlq", self.list_entries),
+            ("GET", "/dlq/{id}", self.show),
+            ("POST", "/dlq/{id}/replay", self.replay_one),
+            ("POST", "/dlq/replay", self.replay_all),
+        ]
+
+    async def list_entries(self, request: web.Request) -> web.Response:
+        flt = dlq_filter(request.query)
+        limit = int_query(request, "limit", 100, 1, 1000)
+        view = await self.ctx.dlq_view()
+        rows = select(view, flt)
+        rows.reverse()  # newest first
+        return json_response(
+            {"size": len(view), "total": len(rows), "entries": [dlq_row(e) for e in rows[:limit]]}
+        )
+
+    async def show(self, request: web.Request) -> web.Response:
+        entry = (await self.ctx.dlq_view()).get(request.match_info["id"])
+        if entry is None:
+            raise ApiError(404, f"no DLQ entry {request.match_info['id'][:80]}")
+        row = dlq_row(entry, with_history=True)
+        row["data"] = entry.get("data")
+        row["previous"] = entry.get("previous")
+        return json_response(row)
+
+    def _warnings(self, entries: list[dict[str, Any]]) -> list[str]:
+        out = []
+        for ep_id in sorted({str(e.get("endpoint_id")) for e in entries}):
+            ep = self.ctx.registry.get(ep_id)
+            if ep is None:
+                out.append(f"endpoint {ep_id} no longer exists: its deliveries return to the DLQ")
+            elif not ep.enabled:
+                out.append(f"endpoint {ep_id} is disabled: its deliveries return to the DLQ until enabled")
+        return out
+
+    async def replay_one(self, request: web.Request) -> web.Response:
+        await read_json(request, optional=True)
+        d_id = request.match_info["id"]
+        await self.ctx.dlq_fresh()
+        entry = (await self.ctx.dlq_view()).get(d_id)
+        if entry is None:
+            raise ApiError(404, f"no DLQ entry {d_id[:80]} (already replayed, or never dead)")
+        if not is_replayable(entry):
+            raise ApiError(409, f"{d_id[:80]} cannot be replayed: {entry.get('dlq_reason')}")
+        n = await self._replay([entry])
+        return json_response({"replayed": n, "delivery_ids": [d_id], "warnings": self._warnings([entry])})
+
+    async def replay_all(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, optional=True)
+        check_fields(
+            doc,
+            {
+                "endpoint": (str,),
+                "event": (str,),
+                "since": (str, int, float),
+                "until": (str, int, float),
+                "dry_run": (bool,),
+            },
+        )
+        flt = dlq_filter(doc)
+        await self.ctx.dlq_fresh()
+        entries = select(await self.ctx.dlq_view(), flt)
+        todo = [e for e in entries if is_replayable(e)]
+        skipped = [str(e.get("id")) for e in entries if not is_replayable(e)]
+        if doc.get("dry_run"):
+            return json_response({"dry_run": True, "would_replay": [e["id"] for e in todo], "skipped": skipped})
+        n = 0
+        for i in range(0, len(todo), 500):  # bounded batches of in-flight produce futures
+            n += await self._replay(todo[i : i + 500])
+        return json_response(
+            {
+                "replayed": n,
+                "delivery_ids": [e["id"] for e in todo],
+                "skipped": skipped,
+                "warnings": self._warnings(todo),
+            }
+        )
+
+    async def _replay(self, entries: list[dict[str, Any]]) -> int:
+        try:
+            n = await asyncio.wait_for(replay_async(self.ctx.components.outbox, entries), KAFKA_TIMEOUT * 2)
+        except TimeoutError as exc:
+            raise ApiError(503, "Kafka did not acknowledge the replay; entries stay in the DLQ") from exc
+        await self.ctx.dlq_fresh()  # the tombstones are in this worker's view before we answer
+        return int(n)

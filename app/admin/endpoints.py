@@ -1,0 +1,129 @@
+"""Endpoint routes: list, create, show, change, enable/disable, delete, rotate the secret.
+
+Writes are read-modify-write on the registry view, serialised per worker by `ctx.write_lock` and
+applied to this worker's view before the response. Secrets leave only in create and rotate answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from app.admin.context import AdminContext, log
+from app.admin.http import ApiError, check_fields, grace_seconds, json_response, read_json
+from app.endpoints import create_endpoint, rotate_secret, update_endpoint
+
+
+class EndpointRoutes:
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("GET", "/endpoints", self.list_all),
+            ("POST", "/endpoints", self.create),
+            ("GET", "/endpoints/{id}", self.show),
+            ("PATCH", "/endpoints/{id}", self.patch),
+            ("DELETE", "/endpoints/{id}", self.delete),
+            ("POST", "/endpoints/{id}/enable", self.enable),
+            ("POST", "/endpoints/{id}/disable", self.disable),
+            ("POST", "/endpoints/{id}/rotate-secret", self.rotate),
+        ]
+
+    async def list_all(self, request: web.Request) -> web.Response:
+        await self.ctx.registry_fresh()
+        eps = sorted(self.ctx.registry.all(), key=lambda e: e.created_at)
+        return json_response({"endpoints": [self.ctx.endpoint_view(e) for e in eps]})
+
+    async def create(self, request: web.Request) -> web.Response:
+        doc = await read_json(request)
+        check_fields(
+            doc,
+            {
+                "url": (str,),
+                "events": (str, list),
+                "mode": (str,),
+                "secret": (str,),
+                "description": (str,),
+                "enabled": (bool,),
+            },
+            required=("url", "events"),
+        )
+        try:
+            # validate_url resolves the host name: keep blocking DNS off the event loop.
+            ep = await asyncio.to_thread(
+                create_endpoint,
+                self.ctx.settings,
+                url=doc["url"],
+                events=doc["events"],
+                mode=doc.get("mode") or "async",
+                secret=doc.get("secret") or None,
+                description=doc.get("description") or "",
+                enabled=doc.get("enabled", True),
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+        async with self.ctx.write_lock:
+            await self.ctx.store(ep.id, ep)
+        # The only response (with rotate-secret) that carries the secret.
+        return json_response({**self.ctx.endpoint_view(ep), "secret": ep.secret}, 201)
+
+    async def show(self, request: web.Request) -> web.Response:
+        await self.ctx.registry_fresh()
+        return json_response(self.ctx.endpoint_view(self.ctx.endpoint(request.match_info["id"])))
+
+    async def patch(self, request: web.Request) -> web.Response:
+        doc = await read_json(request)
+        check_fields(
+            doc,
+            {"url": (str,), "events": (str, list), "mode": (str,), "description": (str,), "enabled": (bool,)},
+        )
+        if not doc:
+            raise ApiError(400, "nothing to change: give url, events, mode, description or enabled")
+        changes = {k: v for k, v in doc.items() if v is not None}
+        return await self._change(request.match_info["id"], changes)
+
+    async def enable(self, request: web.Request) -> web.Response:
+        await read_json(request, optional=True)
+        return await self._change(request.match_info["id"], {"enabled": True})
+
+    async def disable(self, request: web.Request) -> web.Response:
+        await read_json(request, optional=True)
+        return await self._change(request.match_info["id"], {"enabled": False})
+
+    async def _change(self, ep_id: str, changes: dict[str, Any]) -> web.Response:
+        async with self.ctx.write_lock:
+            await self.ctx.registry_fresh()
+            ep = self.ctx.endpoint(ep_id)
+            try:
+                new = await asyncio.to_thread(update_endpoint, self.ctx.settings, ep, changes)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from exc
+            if changes.get("enabled") is False:
+                new = new.changed(disabled_reason="disabled by operator")
+            await self.ctx.store(new.id, new)
+        return json_response(self.ctx.endpoint_view(new))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        async with self.ctx.write_lock:
+            await self.ctx.registry_fresh()
+            ep = self.ctx.endpoint(request.match_info["id"])
+            await self.ctx.store(ep.id, None)
+        return json_response({"id": ep.id, "deleted": True})
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, optional=True)
+        check_fields(doc, {"grace": (str, int, float), "secret": (str,)})
+        grace = grace_seconds(doc.get("grace"))
+        async with self.ctx.write_lock:
+            await self.ctx.registry_fresh()
+            ep = self.ctx.endpoint(request.match_info["id"])
+            try:
+                new = rotate_secret(ep, grace, doc.get("secret") or None)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from exc
+            await self.ctx.store(new.id, new)
+        log.info("endpoint %s: secret rotated (grace %.0fs)", new.id, grace)
+        return json_response({**self.ctx.endpoint_view(new), "secret": new.secret})
