@@ -1,0 +1,41 @@
+<?php
+
+/**
+ * Drive the module in the harness from the command line, as one CRM request would:
+ *
+ *   php run.php scenario.json
+ *
+ * scenario: {"db": sqlite file (kept between runs, like the CRM's database), "options": {...},
+ *            "records": {"invoices_model": {"19": {...}}, ...}, "staff": 1,
+ *            "actions": [["after_invoice_added", [19]], ...], "cron": false}
+ *
+ * The hooks fire, the module queues their events, and when the script ends its shutdown function
+ * sends them (or spools them), as at the end of a Perfex request. Prints a JSON report last:
+ * {"queued": n, "spool": rows left, "log": [...]}.
+ */
+
+declare(strict_types=1);
+
+require __DIR__ . '/harness.php';
+
+$scenario = json_decode((string) file_get_contents($argv[1] ?? 'php://stdin'), true, 512, JSON_THROW_ON_ERROR);
+$ci = harness_start($scenario['db'] ?? ':memory:', $scenario['options'] ?? []);
+$GLOBALS['harness']['staff'] = $scenario['staff'] ?? 0;
+foreach ($scenario['records'] ?? [] as $model => $records) {
+    foreach ($records as $id => $record) {
+        $ci->model($model)->records[(string) $id] = $record;
+    }
+}
+$queued = 0;
+foreach ($scenario['actions'] ?? [] as [$hook, $args]) {
+    hooks()->do_action($hook, ...$args);
+}
+$queued = count(\PerfexWebhooks\Module::instance()->outbox()->queued());
+if (!empty($scenario['cron'])) {
+    hooks()->do_action('after_cron_run', false);
+}
+// Registered after the module's own shutdown function, so it reports what that one left behind.
+register_shutdown_function(static function () use ($queued): void {
+    $spool = \PerfexWebhooks\Module::instance()->spool();
+    echo json_encode(['queued' => $queued, 'spool' => $spool->size(), 'log' => harness_log()]), "\n";
+});
