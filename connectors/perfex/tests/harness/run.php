@@ -11,7 +11,7 @@
  *
  * The hooks fire, the module queues their events, and when the script ends its shutdown function
  * sends them (or spools them), as at the end of a Perfex request. Prints a JSON report last:
- * {"queued": n, "spool": rows left, "log": [...]}.
+ * {"queued": [{"id", "event", "resource_id"}, ...], "spool": rows left, "log": [...]}.
  */
 
 declare(strict_types=1);
@@ -26,11 +26,13 @@ foreach ($scenario['records'] ?? [] as $model => $records) {
         $ci->model($model)->records[(string) $id] = $record;
     }
 }
-$queued = 0;
 foreach ($scenario['actions'] ?? [] as [$hook, $args]) {
     hooks()->do_action($hook, ...$args);
 }
-$queued = count(\PerfexWebhooks\Module::instance()->outbox()->queued());
+$queued = array_map(
+    fn (array $e) => ['id' => $e['id'], 'event' => $e['event'], 'resource_id' => $e['resource_id']],
+    \PerfexWebhooks\Module::instance()->outbox()->queued()
+);
 if (!empty($scenario['cron'])) {
     hooks()->do_action('after_cron_run', false);
 }
