@@ -33,7 +33,8 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response({"error": message}, status, headers)
 
 
-async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+async def read_body(request: web.Request, *, optional: bool = False, expected: str = "a JSON object") -> Any:
+    """The request's JSON, whatever its type (an empty body is {} when optional)."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -41,11 +42,15 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     if not raw.strip():
         if optional:
             return {}
-        raise ApiError(400, "body: expected a JSON object")
+        raise ApiError(400, f"body: expected {expected}")
     try:
-        doc = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"body is not valid JSON ({exc})") from exc
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    doc = await read_body(request, optional=optional)
     if not isinstance(doc, dict):
         raise ApiError(400, f"body: expected a JSON object, got {type(doc).__name__}")
     return doc
