@@ -75,9 +75,11 @@ final class Module
             }, 10, 5);
         }
         foreach (array_keys($hooks) as $hook) {
-            hooks()->add_action($hook, function (...$args) use ($hook): void {
-                $this->guard(fn () => $this->onHook($hook, $args));
-            }, 10, 5);
+            foreach ([$hook, ...(Resources::HOOK_ALIASES[$hook] ?? [])] as $fired) {
+                hooks()->add_action($fired, function (...$args) use ($hook): void {
+                    $this->guard(fn () => $this->onHook($hook, $args));
+                }, 10, 5);
+            }
         }
         hooks()->add_action('after_cron_run', function (): void {
             $this->guard(fn () => $this->outbox()->flush(self::CRON_FLUSH_SECONDS));

@@ -86,6 +86,16 @@ final class Resources
         'task_checklist_item_finished' => 'checklist_item',
     ];
 
+    /**
+     * Perfex core's spelling of a hook the catalog names differently: the module listens to both
+     * (the same change reported twice in one request is sent once).
+     */
+    public const HOOK_ALIASES = [
+        'after_client_created' => ['after_client_added'],
+        'client_updated' => ['after_client_updated'],
+        'invoice_updated' => ['after_invoice_updated'],
+    ];
+
     /** subject => [event resource => the subject's field holding that resource's id]. */
     public const PARENT = [
         'contact' => ['customer' => 'userid'],

@@ -127,6 +127,14 @@ final class HookShapesTest extends TestCase
         $this->assertSame(['description' => 'old'], $this->taken[0]['previous']);
     }
 
+    public function testPerfexCoreSpellingsOfCatalogHooksAlsoSend(): void
+    {
+        $this->assertSame([['customer.created', '3']], $this->fire('after_client_added', 3));
+        hooks()->do_action('invoice_updated', 19);
+        hooks()->do_action('after_invoice_updated', 19); // the same change, reported twice in one request
+        $this->assertSame(['invoice.updated'], array_column(Module::instance()->outbox()->take(), 'event'));
+    }
+
     public function testOnlyEnabledEventsAreSent(): void
     {
         update_option('perfex_webhooks_events', json_encode(['invoice.paid']));
