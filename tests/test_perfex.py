@@ -72,6 +72,16 @@ def test_module_unit_tests_pass_under_phpunit() -> None:
     assert "OK (" in res.stdout, res.stdout
 
 
+def test_every_php_file_of_the_module_parses() -> None:
+    """Also the parts the harness cannot run (the settings controller and view need a real Perfex)."""
+    php = need("php")
+    files = sorted((CONNECTOR / "perfex_webhooks").rglob("*.php"))
+    assert len(files) >= 10
+    for path in files:
+        res = subprocess.run([php, "-l", str(path)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
 # ---- against a real worker -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline(kafka: Any) -> Iterator[SimpleNamespace]:

@@ -118,7 +118,9 @@ final class Listener
             $before = $this->snapshots["$resource:$id"] ?? null;
             $previous = null;
             if ($data === null) {
-                $data = $before ?? ['id' => $id]; // gone: the snapshot, or at least its id
+                // Gone: the snapshot, else the record the hook handed over (task_timer_deleted passes
+                // the deleted timer), else at least its id.
+                $data = $before ?? self::recordInArgs($resource, $id, $args) ?? ['id' => $id];
             } elseif ($before !== null) {
                 $previous = Envelope::changed($before, $data);
             }
@@ -129,6 +131,18 @@ final class Listener
             $out[] = Envelope::build($event, $id, $data, $previous);
         }
         return $out;
+    }
+
+    /** The hook's first argument when it is the record itself (an array or object with its id). */
+    private static function recordInArgs(string $resource, string $id, array $args): ?array
+    {
+        $arg = $args[0] ?? null;
+        if (is_object($arg)) {
+            $arg = get_object_vars($arg);
+        }
+        return is_array($arg) && isset($arg['id']) && (string) $arg['id'] === $id && Resources::idFrom($resource, $args) === $id
+            ? $arg
+            : null;
     }
 
     private function matches(array $where, array $args, ?array $subjectRecord, array $data): bool

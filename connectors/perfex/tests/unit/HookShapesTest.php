@@ -112,6 +112,9 @@ final class HookShapesTest extends TestCase
         unset($this->ci->invoices_model->records['19']);
         $this->assertSame([['invoice.deleted', '19']], $this->fire('after_invoice_deleted', 19));
         $this->assertSame('21.80', $this->taken[0]['data']['total']);
+        // A hook that hands over the deleted record itself: that record is the data.
+        $this->assertSame([['timesheet.deleted', '12']], $this->fire('task_timer_deleted', (object) ['id' => 12, 'task_id' => 3, 'note' => 'x']));
+        $this->assertSame(['id' => '12', 'task_id' => '3', 'note' => 'x'], $this->taken[0]['data']);
         // Without a snapshot a delete still names the record.
         $this->assertSame([['item.deleted', '4']], $this->fire('item_deleted', 4));
         $this->assertSame(['id' => '4'], $this->taken[0]['data']);
