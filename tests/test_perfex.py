@@ -206,6 +206,16 @@ def test_module_sends_crm_hooks_as_signed_deliveries(pipeline: SimpleNamespace, 
     # The full resource as the model returned it, values as strings (SPEC 3.1).
     assert resource(paid) == {**invoice, "id": "19"}
 
+    # The settings page's "send test event" button: accepted, and delivered like any event.
+    report = run_php(
+        {"db": str(tmp_path / "crm.sqlite"), "options": module_options(w), "admin": ["test_event", {"event": "invoice.sent"}]},
+        tmp_path,
+    )
+    [(kind, message)] = report["alerts"]
+    assert kind == "success" and "invoice:test" in message, message
+    test = receiver.wait_for(5, "/crm", timeout=30)[-1].json
+    assert test["event"] == "invoice.sent" and resource(test) == {"id": "test", "perfex_webhooks_test": "1"}
+
 
 @pytest.mark.kafka
 def test_module_spools_while_the_worker_is_down_then_delivers_in_order(

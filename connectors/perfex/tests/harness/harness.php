@@ -327,6 +327,105 @@ function admin_url(string $path = ''): string
     return 'http://crm.test/admin/' . $path;
 }
 
+// ---- the admin area, for the settings page (controllers/Perfex_webhooks.php, views/settings.php) ----
+final class HarnessRedirect extends RuntimeException
+{
+}
+
+final class HarnessInput
+{
+    public function __construct(private array $post)
+    {
+    }
+
+    public function post(?string $name = null): mixed
+    {
+        return $name === null ? $this->post : ($this->post[$name] ?? null);
+    }
+}
+
+final class HarnessViewLoader
+{
+    public string $output = '';
+
+    public function view(string $name, array $data = []): void
+    {
+        ob_start();
+        (static function (string $__file, array $__data): void {
+            extract($__data);
+            require $__file;
+        })(HARNESS_MODULE_DIR . '/views/' . $name . '.php', $data);
+        $this->output .= (string) ob_get_clean();
+    }
+}
+
+/** Perfex's base class of admin controllers: the POST data a test gives, and view rendering. */
+class AdminController
+{
+    public HarnessInput $input;
+    public HarnessViewLoader $load;
+
+    public function __construct()
+    {
+        $this->input = new HarnessInput($GLOBALS['harness']['post'] ?? []);
+        $this->load = new HarnessViewLoader();
+    }
+}
+
+function set_alert(string $type, string $message): void
+{
+    $GLOBALS['harness']['alerts'][] = [$type, $message];
+}
+
+function redirect(string $url): never
+{
+    throw new HarnessRedirect($url);
+}
+
+function access_denied(string $what): never
+{
+    throw new RuntimeException("access denied: $what");
+}
+
+function html_escape(mixed $value): string
+{
+    return htmlspecialchars((string) $value, ENT_QUOTES, 'UTF-8');
+}
+
+function form_open(string $action): string
+{
+    return '<form method="post" action="' . html_escape($action) . '">';
+}
+
+function form_close(): string
+{
+    return '</form>';
+}
+
+function init_head(): void
+{
+    echo '<html><body>';
+}
+
+function init_tail(): void
+{
+}
+
+/** Run a controller action as Perfex would; returns [page HTML, redirect URL or null]. */
+function harness_admin(string $action, array $post = []): array
+{
+    require_once HARNESS_MODULE_DIR . '/controllers/Perfex_webhooks.php';
+    $GLOBALS['harness']['post'] = $post;
+    $GLOBALS['harness']['alerts'] = [];
+    $controller = new Perfex_webhooks();
+    try {
+        $controller->{$action}();
+    } catch (HarnessRedirect $r) {
+        return [$controller->load->output, $r->getMessage()];
+    }
+    return [$controller->load->output, null];
+}
+
 // ---- driving it ----------------------------------------------------------------------------------
 /**
  * A fresh harness: new hooks, a new database (':memory:' or a file, kept between runs), the given

@@ -7,11 +7,12 @@
  *
  * scenario: {"db": sqlite file (kept between runs, like the CRM's database), "options": {...},
  *            "records": {"invoices_model": {"19": {...}}, ...}, "staff": 1,
- *            "actions": [["after_invoice_added", [19]], ...], "cron": false}
+ *            "actions": [["after_invoice_added", [19]], ...], "cron": false,
+ *            "admin": ["test_event", {"event": "invoice.paid"}]}  (a settings-page action and its POST)
  *
  * The hooks fire, the module queues their events, and when the script ends its shutdown function
  * sends them (or spools them), as at the end of a Perfex request. Prints a JSON report last:
- * {"queued": [{"id", "event", "resource_id"}, ...], "spool": rows left, "log": [...]}.
+ * {"queued": [{"id", "event", "resource_id"}, ...], "spool": rows left, "alerts": [...], "log": [...]}.
  */
 
 declare(strict_types=1);
@@ -36,8 +37,12 @@ $queued = array_map(
 if (!empty($scenario['cron'])) {
     hooks()->do_action('after_cron_run', false);
 }
+if (!empty($scenario['admin'])) {
+    harness_admin($scenario['admin'][0], $scenario['admin'][1] ?? []);
+}
 // Registered after the module's own shutdown function, so it reports what that one left behind.
 register_shutdown_function(static function () use ($queued): void {
     $spool = \PerfexWebhooks\Module::instance()->spool();
-    echo json_encode(['queued' => $queued, 'spool' => $spool->size(), 'log' => harness_log()]), "\n";
+    $alerts = $GLOBALS['harness']['alerts'] ?? [];
+    echo json_encode(['queued' => $queued, 'spool' => $spool->size(), 'alerts' => $alerts, 'log' => harness_log()]), "\n";
 });
