@@ -16,11 +16,23 @@ define('PERFEX_WEBHOOKS_MODULE_NAME', 'perfex_webhooks');
 require_once __DIR__ . '/src/autoload.php';
 
 register_activation_hook(PERFEX_WEBHOOKS_MODULE_NAME, 'perfex_webhooks_activate');
+register_uninstall_hook(PERFEX_WEBHOOKS_MODULE_NAME, 'perfex_webhooks_uninstall');
 
 /** Creates the spool and state tables and the default options (install.php; safe to run again). */
 function perfex_webhooks_activate()
 {
     require __DIR__ . '/install.php';
+}
+
+/** Uninstall (not deactivate) drops the tables, spooled events included, and the options. */
+function perfex_webhooks_uninstall()
+{
+    $CI = &get_instance();
+    $CI->db->query('DROP TABLE IF EXISTS `' . db_prefix() . 'perfex_webhooks_spool`');
+    $CI->db->query('DROP TABLE IF EXISTS `' . db_prefix() . 'perfex_webhooks_state`');
+    foreach (array_keys(\PerfexWebhooks\Module::OPTIONS) as $name) {
+        delete_option($name);
+    }
 }
 
 \PerfexWebhooks\Module::boot(__DIR__ . '/hook_map.php');

@@ -136,6 +136,7 @@ final class HarnessDb
     {
         $this->check();
         $sql = preg_replace('/\)\s*ENGINE=.*;?\s*$/s', ')', $sql);
+        $sql = str_replace('`', '"', $sql);
         $sql = str_replace(['BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY', 'MEDIUMTEXT'], ['INTEGER PRIMARY KEY AUTOINCREMENT', 'TEXT'], $sql);
         $this->pdo->exec($sql);
         return true;
@@ -304,6 +305,17 @@ function register_activation_hook(string $module, callable $fn): void
     $GLOBALS['harness']['activation'][$module] = $fn;
 }
 
+function register_uninstall_hook(string $module, callable $fn): void
+{
+    $GLOBALS['harness']['uninstall'][$module] = $fn;
+}
+
+function delete_option(string $name): bool
+{
+    unset($GLOBALS['harness']['options'][$name]);
+    return true;
+}
+
 function log_message(string $level, string $message): void
 {
     $GLOBALS['harness']['log'][] = "$level: $message";
@@ -451,6 +463,11 @@ function harness_start(string $dbPath = ':memory:', array $options = []): Harnes
         update_option($name, $value);
     }
     return $GLOBALS['harness']['ci'];
+}
+
+function harness_uninstall(): void
+{
+    ($GLOBALS['harness']['uninstall']['perfex_webhooks'])();
 }
 
 function harness_log(): array

@@ -57,4 +57,17 @@ final class SettingsPageTest extends TestCase
         $this->assertStringContainsString('unreachable', $message);
         $this->assertSame(0, Module::instance()->spool()->size(), 'a test event is never spooled');
     }
+
+    public function testActivationCanRunAgainAndUninstallRemovesEverything(): void
+    {
+        Module::instance()->spool()->push([\PerfexWebhooks\Envelope::build('lead.created', '7', ['id' => '7'])]);
+        ($GLOBALS['harness']['activation']['perfex_webhooks'])(); // upgrade: activate again
+        $this->assertSame(1, Module::instance()->spool()->size(), 'the spool survives an upgrade');
+        $this->assertSame('secret-token', get_option('perfex_webhooks_token'), 'settings survive an upgrade');
+
+        harness_uninstall();
+        $tables = get_instance()->db->pdo->query("SELECT name FROM sqlite_master WHERE name LIKE 'tblperfex_webhooks%'")->fetchAll();
+        $this->assertSame([], $tables);
+        $this->assertSame('', get_option('perfex_webhooks_url'));
+    }
 }
