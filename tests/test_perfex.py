@@ -57,6 +57,13 @@ def test_hook_map_is_generated_from_the_catalog() -> None:
         "hooks": ["invoice_status_changed"],
         "before": None,
         "where": {"status": "2"},
+        "changed": None,
+    }
+    assert parse_hook("derived: ticket_settings_updated original.priority != data.priority") == {
+        "hooks": ["ticket_settings_updated"],
+        "before": None,
+        "where": {},
+        "changed": "priority",
     }
     assert parse_hook("before_client_deleted / after_client_deleted")["before"] == "before_client_deleted"  # type: ignore[index]
     assert parse_hook("synthetic: daily scan") is None

@@ -15,7 +15,7 @@ defined('BASEPATH') or exit('No direct script access allowed');
  */
 final class Listener
 {
-    /** @var array<string, array{resource: string, hooks: list<string>, before: ?string, where: array<string, string>}> */
+    /** @var array<string, array{resource: string, hooks: list<string>, before: ?string, where: array<string, string>, changed: ?string}> */
     private array $events;
     /** @var array<string, list<string>> hook => events it sends */
     private array $byHook = [];
@@ -128,6 +128,9 @@ final class Listener
                 continue;
             }
             $previous = self::previousFromHook($hook, $args, $data) ?? $previous;
+            if ($spec['changed'] !== null && !array_key_exists($spec['changed'], $previous ?? [])) {
+                continue; // derived from a change of that field, and it did not change
+            }
             $out[] = Envelope::build($event, $id, $data, $previous);
         }
         return $out;

@@ -130,6 +130,17 @@ final class HookShapesTest extends TestCase
         $this->assertSame(['description' => 'old'], $this->taken[0]['previous']);
     }
 
+    public function testTicketSettingsUpdatedGivesPreviousAndTheFieldChangeEvents(): void
+    {
+        $this->ci->model('tickets_model')->records['4'] = ['ticketid' => '4', 'priority' => '3', 'assigned' => '9'];
+        $args = ['ticket_id' => 4, 'original_ticket' => (object) ['ticketid' => '4', 'priority' => '1', 'assigned' => '9'], 'data' => ['priority' => 3]];
+        $this->assertSame([['ticket.updated', '4'], ['ticket.priority_changed', '4']], $this->fire('ticket_settings_updated', $args));
+        $this->assertSame(['priority' => '1'], $this->taken[1]['previous']);
+        $args['original_ticket'] = ['ticketid' => '4', 'priority' => '3', 'assigned' => '2'];
+        $this->assertSame([['ticket.updated', '4']], $this->fire('ticket_settings_updated', $args));
+        $this->assertSame(['assigned' => '2'], $this->taken[0]['previous']);
+    }
+
     public function testPerfexCoreSpellingsOfCatalogHooksAlsoSend(): void
     {
         $this->assertSame([['customer.created', '3']], $this->fire('after_client_added', 3));

@@ -21,7 +21,8 @@ final class SettingsPageTest extends TestCase
         $this->assertStringContainsString('value="http://pipeline.test:6066"', $html);
         $this->assertStringNotContainsString('secret-token', $html, 'the token is never shown');
         $this->assertStringContainsString('1 event(s) waiting for the pipeline', $html);
-        $this->assertSame(110, substr_count($html, 'name="events[]"'));
+        $this->assertSame(count(Module::instance()->map()['events']), substr_count($html, 'name="events[]"'));
+        $this->assertGreaterThan(100, substr_count($html, 'name="events[]"'));
         $this->assertStringContainsString('value="invoice.paid"', $html);
         $this->assertStringContainsString('estimate.expired', $html); // listed as not sent, with why
     }
