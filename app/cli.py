@@ -163,9 +163,10 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
         s = dataclasses.replace(s, web_port=web_port)
     if not s.admin_token and not s.admin_insecure:
         raise UserError(
-            "WEBHOOKS_ADMIN_TOKEN is not set; set it, or WEBHOOKS_ADMIN_INSECURE=true for a local "
-            "worker whose admin API anyone on the network can use"
+            "WEBHOOKS_ADMIN_TOKEN is not set; set it (`openssl rand -hex 32`), or "
+            "WEBHOOKS_ADMIN_INSECURE=true for a local worker whose admin API listens on loopback only"
         )
+    s.check_serving()  # weak or placeholder tokens, a non-loopback host in insecure mode, a bad key
     if apply_topics:
         from app.topics import apply
 
@@ -183,9 +184,10 @@ def endpoints() -> None:
 def _write_endpoint(s: Settings, ep: Any, delete: bool = False) -> None:
     from app.endpoints import TOPIC
     from app.producer import Producer
+    from app.secretbox import box_for
 
     with Producer(s) as p:
-        p.send(TOPIC, ep.id, None if delete else ep.record())
+        p.send(TOPIC, ep.id, None if delete else ep.record(box_for(s.secrets_key)))
 
 
 def _print_endpoint(ep_public: dict[str, Any]) -> None:
@@ -335,6 +337,28 @@ def endpoints_rotate(endpoint_id: str, grace: str, as_json: bool) -> None:
         click.echo(f"endpoint {new.id}: new secret: {new.secret}")
         if new.grace_expires_at:
             click.echo(f"the previous secret stays valid for {grace}")
+
+
+@endpoints.command("re-encrypt")
+@_errors_to_one_line
+def endpoints_reencrypt() -> None:
+    """Rewrite every endpoint record with its secrets sealed by the newest WEBHOOKS_SECRETS_KEY key.
+
+    Run it after putting a new key first in WEBHOOKS_SECRETS_KEY (old keys after it, comma-separated)
+    or after setting a key for the first time; then the old keys can be dropped.
+    """
+    from app.endpoints import reencrypt_all
+
+    n = reencrypt_all(settings())
+    click.echo(f"re-encrypted {n} endpoint record(s) with the newest key")
+
+
+@main.command("secrets-key")
+def secrets_key() -> None:
+    """Print a new random key for WEBHOOKS_SECRETS_KEY."""
+    from app.secretbox import new_key
+
+    click.echo(new_key())
 
 
 # ---- dlq ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,50 @@ TIER_TOPICS = tuple(f"webhooks.retry.{x}" for x in DEFAULT_RETRY_SCHEDULE.split(
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
+
+
+MIN_TOKEN_LENGTH = 32
+# Values that appeared in our own docs and manifests, and the usual stand-ins: a worker that serves
+# the API with one of them is open to anyone who has read those docs.
+PLACEHOLDER_TOKENS = frozenset(
+    {
+        "change-me-to-a-long-random-token",
+        "change-me",
+        "changeme",
+        "replace-me",
+        "secret",
+        "token",
+        "password",
+        "your-token-here",
+    }
+)
+TOKEN_VARIABLES = ("WEBHOOKS_ADMIN_TOKEN", "WEBHOOKS_INGEST_TOKEN", "WEBHOOKS_READ_TOKEN", "WEBHOOKS_METRICS_TOKEN")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def check_token(name: str, value: str | None) -> None:
+    """Refuse a token a guesser or a reader of our docs could know (one line naming the variable)."""
+    if value is None:
+        return
+    low = value.strip().lower()
+    if low in PLACEHOLDER_TOKENS or "change-me" in low or "changeme" in low:
+        raise ConfigError(f"{name}: refusing a placeholder token; generate one with `openssl rand -hex 32`")
+    if len(value) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{name}: a token needs at least {MIN_TOKEN_LENGTH} characters (this one has {len(value)}); "
+            "generate one with `openssl rand -hex 32`"
+        )
+
+
+def is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host.strip("[]").lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_duration(text: str, name: str = "duration") -> float:
@@ -46,6 +91,19 @@ def _bool(text: str | None, default: bool) -> bool:
     if text is None or text == "":
         return default
     return text.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _number(e: Mapping[str, str], name: str, default: float) -> float:
+    text = e.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {text!r} is not a number") from exc
+    if value < 0:
+        raise ConfigError(f"{name}: must not be negative")
+    return value
 
 
 def load_env_file(path: str | os.PathLike[str] = ".env") -> None:
@@ -75,8 +133,18 @@ class Settings:
     delivery_timeout: float = 10.0
     web_port: int = 6066
     web_host: str = "0.0.0.0"
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
     admin_insecure: bool = False
+    # Scoped tokens (docs/admin.md): ingest may only POST /api/events, read may only GET.
+    ingest_token: str | None = field(default=None, repr=False)
+    read_token: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)
+    # Token bucket per token on POST /api/events: `ingest_rate` requests/s refill, `ingest_burst`
+    # capacity; a rate of 0 turns the limit off.
+    ingest_rate: float = 200.0
+    ingest_burst: int = 400
+    # Fernet keys (comma-separated, newest first) for endpoint secrets at rest; none = clear.
+    secrets_key: str | None = field(default=None, repr=False)
     allow_private_targets: bool = False
     max_event_bytes: int = 1_000_000
     # Concurrency of the HTTP hot path inside one worker (see docs/architecture.md).
@@ -98,6 +166,7 @@ class Settings:
             port = int(e.get("WEBHOOKS_WEB_PORT") or 6066)
         except ValueError as exc:
             raise ConfigError(f"WEBHOOKS_WEB_PORT: {e.get('WEBHOOKS_WEB_PORT')!r} is not a port") from exc
+        insecure = _bool(e.get("WEBHOOKS_ADMIN_INSECURE"), False)
         return cls(
             bootstrap_servers=e.get("KAFKA_BOOTSTRAP_SERVERS") or "localhost:9092",
             topic_prefix=e.get("WEBHOOKS_TOPIC_PREFIX") or "",
@@ -110,15 +179,45 @@ class Settings:
                 e.get("WEBHOOKS_DELIVERY_TIMEOUT") or "10s", "WEBHOOKS_DELIVERY_TIMEOUT"
             ),
             web_port=port,
-            web_host=e.get("WEBHOOKS_WEB_HOST") or "0.0.0.0",
+            # Insecure mode (no token) listens on loopback only unless a host is named (and then
+            # check_serving() refuses any non-loopback one).
+            web_host=e.get("WEBHOOKS_WEB_HOST")
+            or ("127.0.0.1" if insecure and not e.get("WEBHOOKS_ADMIN_TOKEN") else "0.0.0.0"),
             admin_token=e.get("WEBHOOKS_ADMIN_TOKEN") or None,
-            admin_insecure=_bool(e.get("WEBHOOKS_ADMIN_INSECURE"), False),
+            admin_insecure=insecure,
+            ingest_token=e.get("WEBHOOKS_INGEST_TOKEN") or None,
+            read_token=e.get("WEBHOOKS_READ_TOKEN") or None,
+            metrics_token=e.get("WEBHOOKS_METRICS_TOKEN") or None,
+            ingest_rate=_number(e, "WEBHOOKS_INGEST_RATE", 200.0),
+            ingest_burst=int(_number(e, "WEBHOOKS_INGEST_BURST", 400)),
+            secrets_key=e.get("WEBHOOKS_SECRETS_KEY") or None,
             allow_private_targets=_bool(e.get("WEBHOOKS_ALLOW_PRIVATE_TARGETS"), False),
             max_event_bytes=int(e.get("WEBHOOKS_MAX_EVENT_BYTES") or 1_000_000),
             max_in_flight=int(e.get("WEBHOOKS_MAX_IN_FLIGHT") or 64),
             max_in_flight_per_endpoint=int(e.get("WEBHOOKS_MAX_IN_FLIGHT_PER_ENDPOINT") or 8),
             data_dir=e.get("WEBHOOKS_DATA_DIR") or ".cache/faust-data",
         )
+
+    def check_serving(self) -> None:
+        """What a process that serves the admin API must refuse before it listens (ConfigError)."""
+        for name, value in zip(
+            TOKEN_VARIABLES,
+            (self.admin_token, self.ingest_token, self.read_token, self.metrics_token),
+            strict=True,
+        ):
+            check_token(name, value)
+        given = [v for v in (self.admin_token, self.ingest_token, self.read_token) if v]
+        if len(set(given)) != len(given):
+            raise ConfigError("WEBHOOKS_INGEST_TOKEN / WEBHOOKS_READ_TOKEN: each scope needs its own token")
+        if not self.admin_token and self.admin_insecure and not is_loopback_host(self.web_host):
+            raise ConfigError(
+                f"WEBHOOKS_WEB_HOST: insecure mode (WEBHOOKS_ADMIN_INSECURE=true, no token) listens on "
+                f"loopback only; {self.web_host!r} is not a loopback address"
+            )
+        if self.secrets_key:
+            from app.secretbox import SecretBox
+
+            SecretBox.from_keys(self.secrets_key)  # a bad key is a start-up error, not a 500 later
 
     def topic(self, name: str) -> str:
         """The full topic name for a logical SPEC name, with the install's prefix."""

@@ -168,5 +168,5 @@ class Dispatcher:
         new = ep.changed(enabled=False, disabled_reason=reason)
         self.registry.apply_local(new, endpoint_id)
         metrics.ENDPOINTS_DISABLED_BY_410.inc()
-        await self.outbox.publish(ENDPOINTS_TOPIC, endpoint_id, orjson.dumps(new.record()))
+        await self.outbox.publish(ENDPOINTS_TOPIC, endpoint_id, orjson.dumps(self.registry.record(new)))
         log.warning("endpoint %s disabled: %s", endpoint_id, reason)

@@ -2,12 +2,14 @@
 
 Workers follow the topic (`Registry`), the CLI reads it whole (`read_endpoints`); both write through
 Kafka, so every worker and the CLI act on the same state. Secrets are stored in the record (the
-workers sign with them) and leave this module only through `Endpoint.secrets_now()`; listings use
-`public()`, which omits them.
+workers sign with them), sealed with `WEBHOOKS_SECRETS_KEY` when it is set (app/secretbox.py; the
+`Endpoint` in memory holds them in clear), and leave this module only through
+`Endpoint.secrets_now()`; listings use `public()`, which omits them; the repr hides them.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets as _secrets
 import time
 from collections.abc import Callable
@@ -17,11 +19,13 @@ from typing import Any
 from app.catalog import load_catalog, matches
 from app.config import Settings
 from app.netguard import validate_url
+from app.secretbox import SecretBox, SecretsKeyError, box_for, open_value
 from app.signing import generate_secret
 
 MODES = ("immediate", "smart", "async")
 MAX_GRACE = 24 * 3600.0
 TOPIC = "webhooks.endpoints"
+log = logging.getLogger(__name__)
 
 
 def new_endpoint_id() -> str:
@@ -34,10 +38,10 @@ class Endpoint:
     url: str
     events: tuple[str, ...]
     mode: str
-    secret: str
+    secret: str = field(repr=False)  # never in a repr, log line or error message
     enabled: bool = True
     description: str = ""
-    grace_secret: str | None = None
+    grace_secret: str | None = field(default=None, repr=False)
     grace_expires_at: float | None = None
     disabled_reason: str | None = None
     created_at: float = field(default_factory=time.time)
@@ -71,15 +75,24 @@ class Endpoint:
             "updated_at": self.updated_at,
         }
 
-    def record(self) -> dict[str, Any]:
+    def record(self, box: SecretBox | None = None) -> dict[str, Any]:
+        """The registry record; with a box (WEBHOOKS_SECRETS_KEY) the secrets are sealed in it."""
         d = asdict(self)
         d["events"] = list(self.events)
+        if box is not None:
+            d["secret"] = box.seal(self.secret)
+            if self.grace_secret:
+                d["grace_secret"] = box.seal(self.grace_secret)
         return d
 
     @classmethod
-    def from_record(cls, d: dict[str, Any]) -> Endpoint:
+    def from_record(cls, d: dict[str, Any], box: SecretBox | None = None) -> Endpoint:
+        """Raises SecretsKeyError for a sealed secret that `box` cannot open (TypeError: not a record)."""
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
         known["events"] = tuple(known.get("events") or ())
+        for name in ("secret", "grace_secret"):
+            if isinstance(known.get(name), str):
+                known[name] = open_value(box, known[name])
         return cls(**known)
 
     def changed(self, **kw: Any) -> Endpoint:
@@ -158,7 +171,28 @@ def rotate_secret(ep: Endpoint, grace: float = MAX_GRACE, new_secret: str | None
 def read_endpoints(settings: Settings) -> dict[str, Endpoint]:
     from app.topic_tables import read_table
 
-    return {k: Endpoint.from_record(v) for k, v in read_table(settings, TOPIC).items()}
+    box = box_for(settings.secrets_key)
+    out: dict[str, Endpoint] = {}
+    for k, v in read_table(settings, TOPIC).items():
+        try:
+            out[k] = Endpoint.from_record(v, box)
+        except SecretsKeyError as exc:
+            raise ValueError(f"endpoint {k}: {exc}") from None
+    return out
+
+
+def reencrypt_all(settings: Settings) -> int:
+    """Write every endpoint record again, its secrets sealed with the newest key (the first one)."""
+    from app.producer import Producer
+
+    box = box_for(settings.secrets_key)
+    if box is None:
+        raise ValueError("WEBHOOKS_SECRETS_KEY is not set: there is no key to encrypt with")
+    eps = read_endpoints(settings)
+    with Producer(settings) as p:
+        for ep in eps.values():
+            p.send(TOPIC, ep.id, ep.record(box))
+    return len(eps)
 
 
 def find(endpoints: dict[str, Endpoint], ep_id: str) -> Endpoint:
@@ -174,6 +208,7 @@ class Registry:
         from app.topic_tables import TopicTable
 
         self.settings = settings
+        self.box = box_for(settings.secrets_key)
         self._by_event: dict[str, list[Endpoint]] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._notify = on_change
@@ -184,9 +219,12 @@ class Registry:
             self._endpoints.pop(key, None)
         else:
             try:
-                self._endpoints[key] = Endpoint.from_record(value)
+                self._endpoints[key] = Endpoint.from_record(value, self.box)
             except TypeError:
                 return  # a record we cannot read is not an endpoint
+            except SecretsKeyError as exc:
+                log.error("endpoint %s skipped: %s", key, exc)
+                return
         self._by_event.clear()
         if self._notify is not None:
             self._notify()
@@ -216,3 +254,7 @@ class Registry:
     def apply_local(self, ep: Endpoint | None, ep_id: str) -> None:
         """Show our own write at once; the topic echo that follows is idempotent."""
         self._changed(ep_id, None if ep is None else ep.record())
+
+    def record(self, ep: Endpoint) -> dict[str, Any]:
+        """The record this worker writes for `ep` (secrets sealed when a key is set)."""
+        return ep.record(self.box)

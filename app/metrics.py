@@ -88,3 +88,23 @@ def child(metric: Any, *values: str) -> Any:
     if c is None:
         c = _children[key] = metric.labels(*values)
     return c
+
+
+_BY_ENDPOINT = (DELIVERIES,)  # every metric with an `endpoint` label
+
+
+def forget_endpoints(keep: set[str]) -> int:
+    """Remove the label children of endpoints not in `keep` (deleted ones), so their series end
+    instead of being exported forever; returns how many children went."""
+    removed = 0
+    for metric in _BY_ENDPOINT:
+        pos = metric._labelnames.index("endpoint")
+        stale = [values for values in list(metric._metrics) if values[pos] not in keep]
+        for values in stale:
+            _children.pop((id(metric), values), None)
+            try:
+                metric.remove(*values)
+            except KeyError:  # removed meanwhile by another scrape
+                continue
+            removed += 1
+    return removed

@@ -4,6 +4,11 @@ Checked twice: when an endpoint is registered (clear error for the operator) and
 (`GuardedResolver`), because DNS can change after registration. The resolver hands aiohttp exactly
 the addresses it checked, so a rebinding DNS answer cannot switch the target between check and
 connect. IP-literal hosts bypass aiohttp's resolver, so `check_literal_host` covers those.
+
+A host is judged by the address the C library makes of it: `inet_aton` also reads `2130706433`,
+`0177.0.0.1`, `127.1`, `0x7f.1` and `0x7f000001` as 127.0.0.1, so every such spelling is normalised
+to its dotted quad before the verdict (`ipv4_spelling`). Registration refuses non-canonical spellings
+outright (aiohttp >= 3.14.1 refuses the decimal ones at connect time anyway).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -23,6 +29,20 @@ _METADATA = {
     ipaddress.ip_address("fd00:ec2::254"),  # AWS IPv6 metadata
     ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud metadata
 }
+
+
+_ATON_CHARS = re.compile(r"^[0-9][0-9a-fA-FxX.]*$")
+
+
+def ipv4_spelling(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a host names in any spelling `inet_aton` accepts (1 to 4 parts, each
+    decimal, 0-octal or 0x-hex), or None for a name."""
+    if not _ATON_CHARS.match(host):  # also keeps inet_aton's "trailing junk after a space" away
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 class ForbiddenTarget(OSError):
@@ -72,6 +92,11 @@ def check_literal_host(host: str, allow_private: bool) -> None:
 def _literal_verdict(host: str, allow_private: bool) -> str | None:
     # Called before every request with the same few hosts: the verdict is a pure function of them.
     host = host.strip("[]")
+    v4 = ipv4_spelling(host)
+    if v4 is not None and str(v4) != host:
+        if not allow_private and (why := forbidden_reason(str(v4))):
+            return f"{host} (= {v4}) is a {why}"
+        return None
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -95,6 +120,15 @@ def validate_url(url: str, allow_private: bool, resolve: bool = True) -> str:
         _ = parts.port
     except ValueError as exc:
         raise ValueError(f"url: bad port in {url!r}") from exc
+    v4 = ipv4_spelling(parts.hostname)
+    if v4 is not None and str(v4) != parts.hostname and not allow_private:
+        if why := forbidden_reason(str(v4)):
+            raise ValueError(
+                f"url: {parts.hostname} (= {v4}) is a {why}; "
+                "set WEBHOOKS_ALLOW_PRIVATE_TARGETS=true for local development"
+            )
+    if v4 is not None and str(v4) != parts.hostname:
+        raise ValueError(f"url: {parts.hostname} is a non-standard spelling of {v4}; write {v4}")
     if allow_private:
         return url
     try:

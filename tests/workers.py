@@ -16,7 +16,7 @@ import httpx
 from app.config import Settings
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-TOKEN = "test-admin-token-0123456789"
+TOKEN = "test-admin-token-0123456789abcdefghijklmn"  # >= 32 characters: workers refuse shorter
 
 
 def free_port() -> int:

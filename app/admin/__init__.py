@@ -58,9 +58,11 @@ def install(app: web.Application, settings: Settings, components: Any) -> AdminC
         banner = "!" * 78
         log.warning(
             "\n%s\n!! ADMIN API OPEN: WEBHOOKS_ADMIN_INSECURE=true and no WEBHOOKS_ADMIN_TOKEN.\n"
-            "!! Anyone who reaches port %s can read and change endpoints and replay deliveries.\n"
+            "!! Any program on this machine that reaches %s:%s can read and change endpoints.\n"
+            "!! Browsers are held off (JSON-only writes, own Origin and loopback Host only).\n"
             "!! Set WEBHOOKS_ADMIN_TOKEN for anything but local development.\n%s",
             banner,
+            settings.web_host,
             settings.web_port,
             banner,
         )

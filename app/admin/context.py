@@ -109,5 +109,5 @@ class AdminContext:
         return view
 
     async def store(self, ep_id: str, ep: Endpoint | None) -> None:
-        await self.acked(ENDPOINTS_TOPIC, ep_id, None if ep is None else ep.record())
+        await self.acked(ENDPOINTS_TOPIC, ep_id, None if ep is None else self.registry.record(ep))
         self.registry.apply_local(ep, ep_id)
