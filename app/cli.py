@@ -156,8 +156,6 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
     """Run a worker: fan-out, delivery, retry tiers, admin web, /metrics."""
     import dataclasses
 
-    from app.worker import run_worker
-
     s = settings()
     if web_port is not None:
         s = dataclasses.replace(s, web_port=web_port)
@@ -167,6 +165,7 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
             "WEBHOOKS_ADMIN_INSECURE=true for a local worker whose admin API listens on loopback only"
         )
     s.check_serving()  # weak or placeholder tokens, a non-loopback host in insecure mode, a bad key
+    from app.worker import run_worker  # after the checks: Faust takes seconds to import
     if apply_topics:
         from app.topics import apply
 

@@ -17,15 +17,26 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import orjson
 import psutil
 import pytest
+import schemathesis
 from cryptography.fernet import Fernet
+from hypothesis import HealthCheck, Phase
+from hypothesis import settings as hsettings
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from app.config import Settings
 from app.endpoints import TOPIC as ENDPOINTS_TOPIC
@@ -90,8 +101,11 @@ def stack(kafka) -> Iterator[SimpleNamespace]:
         local.wait_ready()
         yield SimpleNamespace(keyed=keyed, local=local, receiver=receiver, settings=keyed_settings)
     finally:
-        keyed.stop(timeout=5)
-        local.stop(timeout=5)
+        stops = [threading.Thread(target=w.stop, kwargs={"timeout": 5}) for w in (keyed, local)]
+        for t in stops:
+            t.start()
+        for t in stops:
+            t.join()
         receiver.stop()
 
 
@@ -362,3 +376,29 @@ def test_metrics_need_the_token_and_forget_deleted_endpoints(stack) -> None:
     text = scrape().text
     assert metric_value(parse_metrics(text), "webhooks_deliveries_total", endpoint=ep["id"]) is None
     assert ep["id"] not in text
+
+
+# ---- 7. fuzzing the admin API against docs/openapi.yaml ---------------------------------------------
+# Last in the module: what the fuzzer creates (endpoints, events) must not disturb the tests above.
+SCHEMA = schemathesis.openapi.from_path(Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml")
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@SCHEMA.parametrize()
+@hsettings(
+    max_examples=4,
+    deadline=None,
+    derandomize=True,  # the same examples every run: a failure reproduces
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+def test_admin_api_fuzzed_against_its_openapi_document(case, stack) -> None:
+    case.call_and_validate(
+        base_url=stack.keyed.base, headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS, timeout=30
+    )
