@@ -97,8 +97,10 @@ def stack(kafka) -> Iterator[SimpleNamespace]:
     try:
         keyed.start(wait=False)
         local.start(wait=False)
-        keyed.wait_ready()
-        local.wait_ready()
+        # A deadline, not a timing: a fresh session broker on a loaded machine may take a minute to
+        # offer a group coordinator.
+        keyed.wait_ready(timeout=180)
+        local.wait_ready(timeout=180)
         yield SimpleNamespace(keyed=keyed, local=local, receiver=receiver, settings=keyed_settings)
     finally:
         stops = [threading.Thread(target=w.stop, kwargs={"timeout": 5}) for w in (keyed, local)]
