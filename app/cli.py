@@ -165,12 +165,13 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
             "WEBHOOKS_ADMIN_INSECURE=true for a local worker whose admin API listens on loopback only"
         )
     s.check_serving()  # weak or placeholder tokens, a non-loopback host in insecure mode, a bad key
+    from app.topics import apply, check_live_sizes
     from app.worker import run_worker  # after the checks: Faust takes seconds to import
-    if apply_topics:
-        from app.topics import apply
 
+    if apply_topics:
         for line in apply(s):
             click.echo(line, err=True)
+    check_live_sizes(s)  # topics too small for WEBHOOKS_MAX_EVENT_BYTES: refuse to start
     run_worker(s, loglevel=loglevel)
 
 

@@ -26,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from app.config import Settings
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
+from app.health import HEALTH
 from app.offsets import PartitionOffsets, until_finished
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,9 @@ class DeliveryAgent:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
+                if err.fatal():  # librdkafka gave this consumer up: only a new process helps
+                    HEALTH.fail("delivery agent consumer", err.str())
+                elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("delivery agent: %s", err.str())
                 continue
             book = self.offsets.get(msg.partition())

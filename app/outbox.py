@@ -15,6 +15,7 @@ The partitioner is murmur2_random, the same as the Java client, aiokafka and `em
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -23,6 +24,8 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from app.config import Settings
+from app.health import HEALTH
+from app.topics import largest_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,20 @@ _FATAL_RECORD = {
 }
 
 
+# More fatal errors than this within the window: recreating does not help; the worker exits.
+MAX_RECREATES = 3
+RECREATE_WINDOW = 300.0
+
+
 class PublishError(Exception):
     """A record the broker refused; `retriable` says whether sending it again may succeed."""
 
     def __init__(self, error: KafkaError) -> None:
         super().__init__(error.str())
         self.error = error
-        self.retriable = error.code() not in _FATAL_RECORD and not error.fatal()
+        # A fatal error is the producer's, not the record's: the Outbox recreates the producer,
+        # and the record can be sent again through the new one.
+        self.retriable = error.fatal() or error.code() not in _FATAL_RECORD
 
 
 class Outbox:
@@ -54,27 +64,79 @@ class Outbox:
         self._pending = 0  # records produced with a future and not yet reported
         self.dropped = 0  # untracked records refused because the local queue was full
         self._poller: asyncio.Handle | None = None
+        self._retired: list[Producer] = []  # replaced after a fatal error, still serving reports
+        self._recreated: list[float] = []  # monotonic times of recent recreations
+        self.recreations = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._producer = Producer(
-            {
-                "bootstrap.servers": self.settings.bootstrap_servers,
-                "acks": "all",
-                "enable.idempotence": True,
-                "partitioner": "murmur2_random",
-                # Batches of ~20 ms: async throughput 0.41-0.44 -> 0.48-0.71 of the bare client
-                # against 2 ms (docs/performance.md). No caller's latency waits on it but async and
-                # smart deliveries, retry moves and admin writes, for which 20 ms is nothing.
-                "linger.ms": 20,
-                "message.max.bytes": 4 * 1024 * 1024,
-                # A record not acked in this long fails its future; `publish` then sends it again.
-                "message.timeout.ms": 30_000,
-                "socket.keepalive.enable": True,
-                "log_level": 4,
-            },
-            logger=logging.getLogger("perfex_webhooks.librdkafka"),
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        made: list[Producer] = []  # lets its error callback say which producer failed
+        made.append(
+            Producer(
+                {
+                    "bootstrap.servers": self.settings.bootstrap_servers,
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "partitioner": "murmur2_random",
+                    # Batches of ~20 ms: async throughput 0.41-0.44 -> 0.48-0.71 of the bare client
+                    # against 2 ms (docs/performance.md). No caller's latency waits on it but async and
+                    # smart deliveries, retry moves and admin writes, for which 20 ms is nothing.
+                    "linger.ms": 20,
+                    "message.max.bytes": largest_record_bytes(self.settings),
+                    # A record not acked in this long fails its future; `publish` then sends it again.
+                    "message.timeout.ms": 30_000,
+                    "socket.keepalive.enable": True,
+                    "log_level": 4,
+                    "error_cb": lambda err: self._on_error(err, made[0] if made else None),
+                },
+                logger=logging.getLogger("perfex_webhooks.librdkafka"),
+            )
         )
+        return made[0]
+
+    # ---- fatal errors: a new producer ------------------------------------------------------------
+    def _on_error(self, err: KafkaError, producer: Producer | None) -> None:
+        # Called from poll(), on the event loop (also for a record's report or a refused produce).
+        # A fatal error (e.g. the idempotent producer lost its sequence) leaves that producer
+        # refusing everything for good: replace it, once.
+        if not err.fatal() or self._loop is None or producer is None:
+            return
+        self._loop.call_soon(self._recreate, producer, err.str())
+
+    def _recreate(self, old: Producer, reason: str) -> None:
+        if old is not self._producer:
+            return  # stopped, or already replaced
+        log.error("producer fatal error: %s; recreating the producer", reason)
+        now = time.monotonic()
+        self._recreated = [t for t in self._recreated if now - t < RECREATE_WINDOW] + [now]
+        if len(self._recreated) > MAX_RECREATES:
+            HEALTH.fail("producer", f"fatal errors {len(self._recreated)} times within {RECREATE_WINDOW:.0f}s: {reason}")
+            return
+        try:
+            self._producer = self._new_producer()
+        except Exception as exc:
+            HEALTH.fail("producer", exc)
+            return
+        self.recreations += 1
+        # The old producer fails what it still holds (reports with the fatal error): serve them so
+        # each caller's `publish` sends its record again through the new producer.
+        self._retired.append(old)
+        with contextlib.suppress(Exception):
+            old.purge()
+        self._serve_retired()
+        log.warning("producer recreated after a fatal error (%d so far)", self.recreations)
+
+    def _serve_retired(self) -> None:
+        for old in list(self._retired):
+            with contextlib.suppress(Exception):
+                old.poll(0)
+            if len(old) == 0:
+                self._retired.remove(old)
+        if self._retired and self._loop is not None:
+            self._loop.call_later(0.05, self._serve_retired)
 
     async def stop(self) -> None:
         if self._producer is None:
@@ -100,8 +162,10 @@ class Outbox:
             # that matters and keeps the polling cheap.
             self._schedule_poll(0.0005 if served else 0.002)
 
-    def _report(self, fut: asyncio.Future[Any], err: Any, msg: Any) -> None:
+    def _report(self, fut: asyncio.Future[Any], err: Any, msg: Any, producer: Producer) -> None:
         self._pending -= 1
+        if err is not None:
+            self._on_error(err, producer)
         if fut.done():
             return
         if err is None:
@@ -126,7 +190,7 @@ class Outbox:
         raw = value if value is None or isinstance(value, bytes) else orjson.dumps(value)
         name = topic if full_name else self.settings.topic(topic)
         fut: asyncio.Future[Any] = self._loop.create_future()
-        kw: dict[str, Any] = {"on_delivery": lambda err, msg: self._report(fut, err, msg)}
+        kw: dict[str, Any] = {"on_delivery": lambda err, msg: self._report(fut, err, msg, producer)}
         if partition is not None:
             kw["partition"] = partition
         if headers:
@@ -141,6 +205,7 @@ class Outbox:
                 await asyncio.sleep(0.005)
             except KafkaException as exc:
                 err = exc.args[0]
+                self._on_error(err, producer)
                 fut.set_exception(PublishError(err))
                 return fut
 

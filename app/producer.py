@@ -23,6 +23,8 @@ class Producer:
     def __init__(self, settings: Settings | None = None) -> None:
         from confluent_kafka import Producer as _Producer
 
+        from app.topics import largest_record_bytes
+
         self.settings = settings or Settings.from_env()
         quiet = logging.getLogger("perfex_webhooks.rdkafka")
         quiet.addHandler(logging.NullHandler())
@@ -34,6 +36,7 @@ class Producer:
                 "enable.idempotence": True,
                 "linger.ms": 5,
                 "message.timeout.ms": 15000,
+                "message.max.bytes": largest_record_bytes(self.settings),  # events up to the limit
                 "logger": quiet,
             }
         )

@@ -16,11 +16,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from app import metrics
 from app.config import Settings
 from app.delivery import Attempt, Delivery
+from app.health import HEALTH, is_fatal
 from app.offsets import PartitionOffsets, until_finished
 
 if TYPE_CHECKING:
@@ -157,7 +159,10 @@ class RetryTiers(ConsumerRebalanceListener):
                 self._update_lag()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if is_fatal(exc) and isinstance(exc, KafkaError):  # e.g. a codec it cannot decode
+                    HEALTH.fail("retry tiers consumer", exc)
+                    return
                 log.exception("retry tiers loop; continuing")
                 await asyncio.sleep(1)
 

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from app.config import Settings
+from app.health import HEALTH, is_fatal
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,12 @@ class TopicFollower:
         if await self._reached(self._ends):
             self.ready.set()
         self._task = asyncio.create_task(self._run(), name=f"follow:{self.topic}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        # The follower never ends by itself: an exception here (e.g. from `_apply`) is a crash.
+        if not task.cancelled() and task.exception() is not None:
+            HEALTH.fail(f"follower of {self.topic}", task.exception())  # type: ignore[arg-type]
 
     async def _run(self) -> None:
         while True:
@@ -168,8 +175,11 @@ class TopicFollower:
                 batches = await self._consumer.getmany(timeout_ms=500, max_records=2000)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # broker restart and the like: keep following
-                log.warning("reading %s: %s", self.topic, exc)
+            except Exception as exc:
+                if is_fatal(exc):  # e.g. a codec it cannot decode: reading again cannot help
+                    HEALTH.fail(f"follower of {self.topic}", exc)
+                    return
+                log.warning("reading %s: %s", self.topic, exc)  # broker restart and the like
                 await asyncio.sleep(1)
                 continue
             for records in batches.values():

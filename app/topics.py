@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from app.config import Settings
+from app.config import TIER_TOPICS, Settings
 
 REPO_TOPICS = Path(__file__).resolve().parent.parent / "topics.yaml"
 
@@ -70,6 +70,75 @@ def spec(name: str) -> TopicSpec:
     raise KeyError(name)
 
 
+# ---- record sizes ------------------------------------------------------------------------------
+# An input event of WEBHOOKS_MAX_EVENT_BYTES is re-encoded on its way through the pipeline: as a
+# delivery record (its data and previous state plus ids, times and the attempt history, which grows
+# by ~0.5 KB per failed attempt and keeps its history across DLQ replays), as a DLQ entry (the
+# delivery plus reason and time) and in the smart table's changelog (the last state). 64 KiB leaves
+# room for the history of ~100 attempts.
+RECORD_OVERHEAD = 64 * 1024
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588  # the broker's message.max.bytes default
+CARRIES_EVENT = ("crm.events",)
+CARRIES_DELIVERY = (
+    "webhooks.deliveries",
+    *TIER_TOPICS,
+    "webhooks.dlq",
+    "perfex-webhooks-smart-pending-changelog",
+)
+
+
+def required_message_bytes(settings: Settings) -> dict[str, int]:
+    """The least `max.message.bytes` each topic needs for an event of WEBHOOKS_MAX_EVENT_BYTES."""
+    need = {t: settings.max_event_bytes + 1024 for t in CARRIES_EVENT}  # + Kafka's record framing
+    need.update({t: settings.max_event_bytes + RECORD_OVERHEAD for t in CARRIES_DELIVERY})
+    return need
+
+
+def largest_record_bytes(settings: Settings) -> int:
+    """What the worker's producers must be allowed to send (librdkafka message.max.bytes, Faust's
+    max request size)."""
+    return max(4 * 1024 * 1024, *required_message_bytes(settings).values()) + 64 * 1024
+
+
+def check_sizes(settings: Settings, limits: dict[str, int], topics: set[str] | None = None) -> None:
+    """Refuse (TopicsError, one line) when a topic's limit is below what an event of
+    WEBHOOKS_MAX_EVENT_BYTES needs. `limits`: logical topic name -> max.message.bytes (the broker's
+    default when absent); `topics`: only these (default: all)."""
+    short = [
+        (t, limits.get(t, KAFKA_DEFAULT_MAX_MESSAGE_BYTES), n)
+        for t, n in required_message_bytes(settings).items()
+        if (topics is None or t in topics) and limits.get(t, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) < n
+    ]
+    if short:
+        t, have, need = short[0]
+        more = f" (and {len(short) - 1} more topics)" if len(short) > 1 else ""
+        raise TopicsError(
+            f"{settings.topic(t)} accepts records of {have} bytes (max.message.bytes) but "
+            f"WEBHOOKS_MAX_EVENT_BYTES={settings.max_event_bytes} needs {need}{more}: raise max.message.bytes "
+            "in topics.yaml and run `perfex-webhooks topics apply`, or lower WEBHOOKS_MAX_EVENT_BYTES"
+        )
+
+
+def declared_limits(specs: list[TopicSpec]) -> dict[str, int]:
+    return {s.name: int(s.config["max.message.bytes"]) for s in specs if "max.message.bytes" in s.config}
+
+
+def check_live_sizes(settings: Settings, timeout: float = 5.0) -> None:
+    """The same check against the topics as the broker has them (a worker that did not apply)."""
+    from confluent_kafka.admin import ConfigResource
+
+    admin = admin_client(settings, timeout)
+    names = list(required_message_bytes(settings))
+    existing = admin.list_topics(timeout=timeout).topics
+    res = [ConfigResource(ConfigResource.Type.TOPIC, settings.topic(n)) for n in names if settings.topic(n) in existing]
+    limits = {}
+    for r, fut in admin.describe_configs(res, request_timeout=timeout * 2).items():
+        entry = fut.result().get("max.message.bytes")
+        if entry is not None and entry.value is not None:
+            limits[r.name.removeprefix(settings.topic_prefix)] = int(entry.value)
+    check_sizes(settings, limits, {n for n in names if settings.topic(n) in existing})
+
+
 def admin_client(settings: Settings, timeout: float = 5.0):
     from confluent_kafka.admin import AdminClient
 
@@ -99,8 +168,9 @@ def apply(settings: Settings, *, replication_factor: int | None = None, timeout:
         NewTopic,
     )
 
-    admin = admin_client(settings, timeout)
     specs = load_specs()
+    check_sizes(settings, declared_limits(specs))  # before changing anything
+    admin = admin_client(settings, timeout)
     existing = admin.list_topics(timeout=timeout).topics
     changes: list[str] = []
 

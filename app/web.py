@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import metrics as m
 from app.config import Settings
+from app.health import HEALTH
 from app.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ class WebServer:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ok = self.components.ready.is_set()
+        ok = self.components.ready.is_set() and HEALTH.ok  # a crashed component: restart me
         fapp = getattr(self.components, "faust_app", None)
         assigned = bool(fapp is not None and fapp.assignor.assigned_actives())
-        return web.json_response({"ready": ok, "assigned": assigned}, status=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok, "assigned": assigned}
+        if HEALTH.failure is not None:
+            body["failure"] = HEALTH.failure
+        return web.json_response(body, status=200 if ok else 503)

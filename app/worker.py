@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from typing import Any
 
 import faust
@@ -25,10 +26,11 @@ from app.delivery_agent import DeliveryAgent
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.fanout import FanOut
+from app.health import EXIT_FAILED, HEALTH, STOP_AFTER, exit_on_failure
 from app.logfilter import quiet_repeats
 from app.outbox import Outbox
 from app.retry import RetryTiers
-from app.topics import spec
+from app.topics import largest_record_bytes, spec
 
 log = logging.getLogger("perfex_webhooks")
 
@@ -45,6 +47,7 @@ class Components:
         self.tiers = RetryTiers(settings, self.dispatcher)
         self.web: Any = None
         self.faust_app: Any = None
+        self._watch: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.inflight: set[asyncio.Future[Any]] = set()  # work the agents started, drained on stop
         self.agent = DeliveryAgent(settings, self.dispatcher, tasks=self.inflight)
@@ -65,10 +68,39 @@ class Components:
 
         self.web = WebServer(self.settings, self)
         await self.web.start()
+        self._watch = asyncio.create_task(self._watch_faust(), name="watch-faust")
         self.ready.set()
         log.info("worker components ready (%d endpoints)", len(self.registry.all()))
 
+    async def _watch_faust(self) -> None:
+        """Faust's own services (the fetcher above all) record a crash and go quiet; the process
+        stays up and delivers nothing. Turn such a crash into a worker failure (app/health.py)."""
+        while True:  # mode offers no event for a crash: look every second
+            if self._faust_crashed():
+                return
+            await asyncio.sleep(1.0)
+
+    def _faust_crashed(self) -> bool:
+        app = self.faust_app
+        if app is None:
+            return False
+        for name, svc in (("Faust fetcher", app._fetcher), ("Faust consumer", app.consumer)):
+            reason = getattr(svc, "crash_reason", None)
+            # A rebalance "crashes" the fetcher with CancelledError and restarts it: not a failure.
+            if svc._crashed.is_set() and reason is not None and not isinstance(reason, asyncio.CancelledError):
+                HEALTH.fail(name, reason)
+                return True
+        return False
+
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        # A Faust crash may stop the worker before the watcher's next look: record it now, so /ready
+        # and the exit status say why. A stopping worker is not ready either way.
+        self._faust_crashed()
+        self.ready.clear()
+        if not HEALTH.ok:
+            await asyncio.sleep(STOP_AFTER)  # let probes see the 503 before the port closes
         # Faust stops this service before its agents: let the work they started finish while the
         # producer and HTTP session still exist, so a graceful stop acks it instead of leaving it to
         # the next owner as duplicates. Bounded: an attempt never outlives the delivery timeout.
@@ -101,6 +133,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         producer_acks=-1,
+        # The smart table's changelog holds an event's last state: as large as the event.
+        producer_max_request_size=largest_record_bytes(settings),
         stream_buffer_maxsize=4096,
         datadir=os.path.join(settings.data_dir, settings.group_id),
         table_standby_replicas=0,
@@ -310,9 +344,24 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         "app.observe",
     )
     app, _ = create_app(settings)
+    # A component that stopped for good stops the worker the way SIGTERM does, and the exit status
+    # says so (app/health.py): an orchestrator restarts it instead of keeping a process that
+    # delivers nothing.
     worker = Worker(app, loglevel=loglevel, quiet=True)
+
+    def stop() -> None:
+        if not (worker.should_stop or worker._crashed.is_set()):  # a Faust crash stops it already
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    exit_on_failure(HEALTH, stop)
     # Faust keeps a terminal spinner at --loglevel warning and above, and for it sets the root logger
     # to DEBUG: every library debug() call (aiokafka logs each send) then builds a LogRecord that no
     # handler prints. Without the spinner the root logger stays at `loglevel` (docs/performance.md).
     worker.spinner = None
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        if not HEALTH.ok:
+            log.critical("worker stopped after a failure: %s", HEALTH.failure)
+            raise SystemExit(EXIT_FAILED) from None
+        raise
