@@ -67,14 +67,23 @@ def topics() -> None:
 
 
 @topics.command("apply")
-@click.option("--replication-factor", type=int, help="override topics.yaml for new topics")
+@click.option(
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    help="replicas of every topic (default: WEBHOOKS_REPLICATION_FACTOR, else min(3, brokers))",
+)
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="seconds to reach the broker")
 @_errors_to_one_line
 def topics_apply(replication_factor: int | None, timeout: float) -> None:
     """Create or reconcile topics from topics.yaml (idempotent)."""
     from app.topics import apply
 
-    changes = apply(settings(), replication_factor=replication_factor, timeout=timeout)
+    changes = apply(
+        settings(),
+        replication_factor=replication_factor,
+        timeout=timeout,
+        warn=lambda line: click.echo(line, err=True),
+    )
     for line in changes:
         click.echo(line)
     click.echo(f"{len(changes)} change(s)" if changes else "topics up to date")
@@ -165,13 +174,15 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
             "WEBHOOKS_ADMIN_INSECURE=true for a local worker whose admin API listens on loopback only"
         )
     s.check_serving()  # weak or placeholder tokens, a non-loopback host in insecure mode, a bad key
-    from app.topics import apply, check_live_sizes
+    from app.topics import apply, check_live_sizes, resolve_replication
     from app.worker import run_worker  # after the checks: Faust takes seconds to import
 
     if apply_topics:
-        for line in apply(s):
+        for line in apply(s, warn=lambda line: click.echo(line, err=True)):
             click.echo(line, err=True)
     check_live_sizes(s)  # topics too small for WEBHOOKS_MAX_EVENT_BYTES: refuse to start
+    # Faust creates its own topics only when missing (apply declares them); same factor either way.
+    s = dataclasses.replace(s, replication_factor=resolve_replication(s))
     run_worker(s, loglevel=loglevel)
 
 

@@ -106,6 +106,18 @@ def _number(e: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _positive(text: str | None, name: str) -> int | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}: {text!r} is not a positive whole number")
+    return value
+
+
 def load_env_file(path: str | os.PathLike[str] = ".env") -> None:
     """Read KEY=VALUE lines into os.environ without overriding what is already set."""
     p = Path(path)
@@ -152,6 +164,8 @@ class Settings:
     max_in_flight_per_endpoint: int = 8
     response_body_cap: int = 4096
     data_dir: str = ".cache/faust-data"
+    # Replicas of every topic; None: min(3, brokers in the cluster) (app/topics.py).
+    replication_factor: int | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -196,6 +210,7 @@ class Settings:
             max_in_flight=int(e.get("WEBHOOKS_MAX_IN_FLIGHT") or 64),
             max_in_flight_per_endpoint=int(e.get("WEBHOOKS_MAX_IN_FLIGHT_PER_ENDPOINT") or 8),
             data_dir=e.get("WEBHOOKS_DATA_DIR") or ".cache/faust-data",
+            replication_factor=_positive(e.get("WEBHOOKS_REPLICATION_FACTOR"), "WEBHOOKS_REPLICATION_FACTOR"),
         )
 
     def check_serving(self) -> None:

@@ -8,6 +8,7 @@ It is idempotent: a second run reports no change.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -29,7 +30,6 @@ class TopicsError(RuntimeError):
 class TopicSpec:
     name: str  # logical name, without prefix
     partitions: int
-    replication_factor: int
     config: dict[str, str] = field(default_factory=dict)
     role: str = ""
 
@@ -55,7 +55,6 @@ def load_specs(doc: dict[str, Any] | None = None) -> list[TopicSpec]:
             TopicSpec(
                 name=name,
                 partitions=int(t.get("partitions", d.get("partitions", 1))),
-                replication_factor=int(t.get("replication_factor", d.get("replication_factor", 1))),
                 config={k: str(v) for k, v in cfg.items()},
                 role=t.get("role", ""),
             )
@@ -158,8 +157,39 @@ def admin_client(settings: Settings, timeout: float = 5.0):
     return admin
 
 
-def apply(settings: Settings, *, replication_factor: int | None = None, timeout: float = 5.0) -> list[str]:
-    """Create or reconcile every declared topic; returns the changes made (empty when none)."""
+# ---- replication -------------------------------------------------------------------------------
+def replication(settings: Settings, brokers: int, override: int | None = None) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for every topic: the factor is
+    `--replication-factor`, else WEBHOOKS_REPLICATION_FACTOR, else min(3, brokers); min.insync.replicas
+    is factor - 1 (at least 1), so one replica may be down while writes with acks=all go on."""
+    factor = override or settings.replication_factor or min(3, max(1, brokers))
+    return factor, max(1, factor - 1)
+
+
+def resolve_replication(settings: Settings, timeout: float = 5.0) -> int:
+    """The replication factor `apply` uses on this cluster (for Faust's own topic settings)."""
+    admin = admin_client(settings, timeout)
+    return replication(settings, len(admin.list_topics(timeout=timeout).brokers))[0]
+
+
+def _log_warning(line: str) -> None:
+    logging.getLogger("perfex_webhooks").warning("%s", line)
+
+
+def apply(
+    settings: Settings,
+    *,
+    replication_factor: int | None = None,
+    timeout: float = 5.0,
+    warn: Callable[[str], None] = _log_warning,
+) -> list[str]:
+    """Create or reconcile every declared topic; returns the changes made (empty when none).
+
+    Every topic gets the replication factor and min.insync.replicas of `replication`. Kafka cannot
+    add replicas to an existing topic by a config change: a topic with fewer replicas than
+    configured gets a warning (`warn`) naming the fix (partition reassignment, docs/operations.md),
+    and its min.insync.replicas follows the replicas it has, so that writes with acks=all go on.
+    """
     from confluent_kafka.admin import (
         AlterConfigOpType,
         ConfigEntry,
@@ -171,18 +201,25 @@ def apply(settings: Settings, *, replication_factor: int | None = None, timeout:
     specs = load_specs()
     check_sizes(settings, declared_limits(specs))  # before changing anything
     admin = admin_client(settings, timeout)
-    existing = admin.list_topics(timeout=timeout).topics
+    md = admin.list_topics(timeout=timeout)
+    existing = md.topics
     changes: list[str] = []
+    factor, min_isr = replication(settings, len(md.brokers), replication_factor)
 
     to_create = [s for s in specs if settings.topic(s.name) not in existing]
+    if to_create and factor > len(md.brokers):
+        raise TopicsError(
+            f"replication factor {factor} (WEBHOOKS_REPLICATION_FACTOR or --replication-factor) needs "
+            f"{factor} brokers; the cluster at {settings.bootstrap_servers} has {len(md.brokers)}"
+        )
     if to_create:
         futures = admin.create_topics(
             [
                 NewTopic(
                     settings.topic(s.name),
                     num_partitions=s.partitions,
-                    replication_factor=replication_factor or s.replication_factor,
-                    config=s.config,
+                    replication_factor=factor,
+                    config={**s.config, "min.insync.replicas": str(min_isr)},
                 )
                 for s in to_create
             ],
@@ -215,7 +252,15 @@ def apply(settings: Settings, *, replication_factor: int | None = None, timeout:
         for s in present:
             name = settings.topic(s.name)
             current = described[name]
-            diff = {k: v for k, v in s.config.items() if k not in current or str(current[k].value) != v}
+            replicas = min((len(p.replicas) for p in existing[name].partitions.values()), default=factor)
+            if replicas < factor:
+                warn(
+                    f"WARNING: {name} has {replicas} replica(s) per partition, fewer than the configured "
+                    f"{factor}: a broker failure can lose or stop it. Raise it by partition reassignment "
+                    "(docs/operations.md, 'Replication')"
+                )
+            wanted = {**s.config, "min.insync.replicas": str(max(1, min(factor, replicas) - 1))}
+            diff = {k: v for k, v in wanted.items() if k not in current or str(current[k].value) != v}
             if diff:
                 res = ConfigResource(
                     ConfigResource.Type.TOPIC,

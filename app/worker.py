@@ -30,6 +30,7 @@ from app.health import EXIT_FAILED, HEALTH, STOP_AFTER, exit_on_failure
 from app.logfilter import quiet_repeats
 from app.outbox import Outbox
 from app.retry import RetryTiers
+from app.stop_budget import start_watchdog
 from app.topics import largest_record_bytes, spec
 
 log = logging.getLogger("perfex_webhooks")
@@ -127,7 +128,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         store="memory://",
         autodiscover=False,
         web_enabled=False,  # the admin web is our own aiohttp app (app/web.py)
-        topic_replication_factor=int(os.environ.get("WEBHOOKS_REPLICATION_FACTOR", "1")),
+        # `perfex-webhooks worker` resolves the default (min(3, brokers)) before this.
+        topic_replication_factor=settings.replication_factor or 1,
         topic_partitions=events_spec.partitions,
         consumer_auto_offset_reset="earliest",
         broker_commit_every=1000,
@@ -343,11 +345,18 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         "perfex_webhooks.librdkafka",
         "app.observe",
     )
-    app, _ = create_app(settings)
+    app, comps = create_app(settings)
+
+    class BoundedStopWorker(Worker):
+        def _schedule_shutdown(self, sig: Any) -> None:
+            if not self._signal_stop_time:  # the first SIGTERM/SIGINT: the stop gets a budget
+                start_watchdog(comps)
+            super()._schedule_shutdown(sig)
+
     # A component that stopped for good stops the worker the way SIGTERM does, and the exit status
     # says so (app/health.py): an orchestrator restarts it instead of keeping a process that
     # delivers nothing.
-    worker = Worker(app, loglevel=loglevel, quiet=True)
+    worker = BoundedStopWorker(app, loglevel=loglevel, quiet=True)
 
     def stop() -> None:
         if not (worker.should_stop or worker._crashed.is_set()):  # a Faust crash stops it already
