@@ -14,8 +14,8 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from app.config import Settings
 from app.producer import Producer
 from app.topics import admin_client, apply
+from tests.helpers import register
 from tests.receiver import Reply
-from tests.test_delivery import register
 from tests.workers import worker_env
 
 pytestmark = pytest.mark.kafka
