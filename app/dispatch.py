@@ -87,6 +87,17 @@ class Dispatcher:
             self._waiting[ep.id] -= 1
         self._slow[ep.id] = attempt.outcome in ("timeout", "connect_error") or attempt.latency_ms > 1000
         await self._after(d, ep.id, attempt)
+        if self.registry.get(ep.id) is None:  # deleted while this attempt ran
+            self.forget_endpoint(ep.id)
+
+    def forget_endpoint(self, ep_id: str) -> None:
+        """Drop what this worker keeps for a deleted endpoint: its caps and counters (endpoint ids
+        are unbounded over time; a long-lived worker must not keep every one)."""
+        if self._waiting.get(ep_id):
+            return  # deliveries still in flight: the last one to finish forgets it
+        self._waiting.pop(ep_id, None)
+        self._per_endpoint.pop(ep_id, None)
+        self._slow.pop(ep_id, None)  # (its metric series end at the next scrape: app/web.py)
 
     async def _after(self, d: Delivery, endpoint_id: str, a: Attempt) -> None:
         record = a.record()

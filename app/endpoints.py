@@ -212,11 +212,14 @@ class Registry:
         self._by_event: dict[str, list[Endpoint]] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._notify = on_change
+        self.on_delete: list[Callable[[str], None]] = []  # called with the id of a deleted endpoint
         self.table = TopicTable(settings, TOPIC, on_change=self._changed)
 
     def _changed(self, key: str, value: Any) -> None:
         if value is None:
-            self._endpoints.pop(key, None)
+            if self._endpoints.pop(key, None) is not None:
+                for forget in self.on_delete:
+                    forget(key)
         else:
             try:
                 self._endpoints[key] = Endpoint.from_record(value, self.box)

@@ -17,14 +17,18 @@ can name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
+import time
 from typing import Any
 
+from aiokafka import TopicPartition
 from mode import Service
 
 from app import metrics
 from app.config import Settings
-from app.topic_tables import TopicTable
+from app.topic_tables import TopicTable, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +37,63 @@ FAUST_TOPICS = ("crm.events",)
 LAG_INTERVAL = 1.0  # seconds between lag updates; a few cheap reads of consumer state
 
 
+class DlqIndexEntry:
+    """What a worker keeps of one DLQ entry: enough to list, filter, count and order replays, and
+    where the entry is in Kafka, so its payload (data, attempt history) is read only when asked.
+
+    About 300 bytes each (slots; endpoint ids, events and reasons interned) against the 10+ KB
+    of a whole entry: 100,000 entries stay within tens of MiB (docs/performance.md).
+    """
+
+    __slots__ = ("attempts", "dead_at", "endpoint_id", "event", "id", "offset", "partition", "reason", "replayable", "replays")
+
+    def __init__(self, key: str, entry: dict[str, Any], partition: int, offset: int) -> None:
+        from app.dlq import is_replayable
+
+        self.id = key
+        self.endpoint_id = sys.intern(str(entry.get("endpoint_id") or "")) or None
+        self.event = sys.intern(str(entry.get("event") or "")) or None
+        self.reason = sys.intern(str(entry.get("dlq_reason") or "")) or None
+        try:
+            self.dead_at = float(entry.get("dead_at") or 0)
+        except (TypeError, ValueError):
+            self.dead_at = 0.0
+        attempts = entry.get("attempts")
+        self.attempts = len(attempts) if isinstance(attempts, list) else 0
+        try:
+            self.replays = int(entry.get("replays") or 0)
+        except (TypeError, ValueError):
+            self.replays = 0
+        self.replayable = is_replayable(entry)
+        self.partition = partition
+        self.offset = offset
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Dict-style reads, so DLQ filters (app/dlq.py) work on index entries and whole ones."""
+        if name == "dlq_reason":
+            name = "reason"
+        value = getattr(self, name, default) if name in self.__slots__ else default
+        return default if value is None else value
+
+
 class DlqView(TopicTable):
-    """The DLQ as a live view: `.data` (delivery id -> DLQ entry), `.ready`, `caught_up()`."""
+    """The DLQ as a live index: `.data` (delivery id -> DlqIndexEntry), `.ready`, `caught_up()`;
+    `fetch(ids)` reads whole entries from Kafka (the admin's show and replay)."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, DLQ_TOPIC, on_change=self._changed)
         self.started = asyncio.Event()
+        self._reader: Any = None
+        self._reader_lock = asyncio.Lock()
+
+    def _apply(self, rec: Any) -> None:
+        key = (rec.key or b"").decode("utf-8", "replace")
+        val = self._decode(rec.value)
+        if isinstance(val, dict):
+            self.data[key] = DlqIndexEntry(key, val, rec.partition, rec.offset)
+        else:  # a tombstone (or a record that is not an entry) removes the key
+            self.data.pop(key, None)
+        self._changed(key, val)
 
     def _changed(self, key: str, value: Any | None) -> None:
         metrics.DLQ_SIZE.set(len(self.data))
@@ -48,13 +103,54 @@ class DlqView(TopicTable):
         metrics.DLQ_SIZE.set(len(self.data))
         self.started.set()
 
+    async def stop(self) -> None:
+        await super().stop()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.stop()
+
     async def caught_up(self, timeout: float = 10.0) -> None:
         # Usable before the worker finished starting: wait for the follower first.
         await asyncio.wait_for(self.started.wait(), timeout)
         await super().caught_up(timeout)
 
-    def entries(self) -> list[dict[str, Any]]:
-        return list(self.data.values())
+    async def fetch(self, ids: list[str], timeout: float = 15.0) -> dict[str, dict[str, Any]]:
+        """The whole entries of these delivery ids, read from Kafka at the offsets the index holds.
+
+        One partition range at a time (lowest to highest wanted offset). An id the index does not
+        hold, or whose record is no longer there, is missing from the answer.
+        """
+        wanted: dict[int, dict[int, str]] = {}
+        for d_id in ids:
+            e = self.data.get(d_id)
+            if e is not None:
+                wanted.setdefault(e.partition, {})[e.offset] = d_id
+        out: dict[str, dict[str, Any]] = {}
+        if not wanted:
+            return out
+        async with self._reader_lock:
+            if self._reader is None:
+                self._reader, _ = await open_reader(self.settings, self.topic)
+            reader = self._reader
+            deadline = time.monotonic() + timeout
+            for partition, offsets in wanted.items():
+                tp = TopicPartition(self.topic, partition)
+                last = max(offsets)
+                reader.seek(tp, min(offsets))
+                while time.monotonic() < deadline:
+                    batch = await reader.getmany(tp, timeout_ms=500, max_records=500)
+                    for rec in batch.get(tp, []):
+                        d_id = offsets.get(rec.offset)
+                        if d_id is not None and (rec.key or b"").decode("utf-8", "replace") == d_id:
+                            val = self._decode(rec.value)
+                            if isinstance(val, dict):
+                                out[d_id] = val
+                    if await reader.position(tp) > last:
+                        break
+        return out
+
+    async def fetch_one(self, d_id: str) -> dict[str, Any] | None:
+        return (await self.fetch([d_id])).get(d_id)
 
 
 async def update_faust_lag(app: Any, settings: Settings) -> dict[str, int]:

@@ -45,6 +45,7 @@ class Components:
         self.sender = HttpSender(settings)
         self.registry = Registry(settings, on_change=self._count_endpoints)
         self.dispatcher = Dispatcher(settings, self.registry, self.sender, self.outbox)
+        self.registry.on_delete.append(self.dispatcher.forget_endpoint)
         self.tiers = RetryTiers(settings, self.dispatcher)
         self.web: Any = None
         self.faust_app: Any = None

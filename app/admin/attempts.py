@@ -39,7 +39,7 @@ class AttemptRoutes:
     async def for_delivery(self, request: web.Request) -> web.Response:
         d_id = request.match_info["id"]
         rows = self.ctx.attempts.for_delivery(d_id)
-        entry = (await self.ctx.dlq_view()).get(d_id)
+        entry = (await self.ctx.dlq_entries([d_id])).get(d_id) if d_id in await self.ctx.dlq_view() else None
         if not rows and entry is None:
             raise ApiError(
                 404,

@@ -82,12 +82,20 @@ class AdminContext:
         except Exception as exc:  # Kafka unreachable: answer from the view we have
             log.info("registry view not confirmed fresh: %s", exc)
 
-    async def dlq_view(self) -> dict[str, dict[str, Any]]:
+    async def dlq_view(self) -> dict[str, Any]:
         try:
             await asyncio.wait_for(self.dlq.ready.wait(), 15)
         except TimeoutError as exc:
             raise ApiError(503, "the DLQ view is still loading; try again") from exc
         return self.dlq.data  # type: ignore[no-any-return]
+
+    async def dlq_entries(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Whole DLQ entries (data, history) read from Kafka: the view keeps only an index."""
+        await self.dlq_view()  # loaded (or 503)
+        try:
+            return await asyncio.wait_for(self.dlq.fetch(ids), KAFKA_TIMEOUT * 2)  # type: ignore[no-any-return]
+        except TimeoutError as exc:
+            raise ApiError(503, "Kafka did not answer reading the DLQ; try again") from exc
 
     async def dlq_fresh(self) -> None:
         try:

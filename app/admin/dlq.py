@@ -50,14 +50,21 @@ class DlqRoutes:
         view = await self.ctx.dlq_view()
         rows = select(view, flt)
         rows.reverse()  # newest first
+        page = [e.id for e in rows[:limit]]
+        whole = await self.ctx.dlq_entries(page)  # the index has no history: read this page's
         return json_response(
-            {"size": len(view), "total": len(rows), "entries": [dlq_row(e) for e in rows[:limit]]}
+            {
+                "size": len(view),
+                "total": len(rows),
+                "entries": [dlq_row(whole[d_id]) for d_id in page if d_id in whole],
+            }
         )
 
     async def show(self, request: web.Request) -> web.Response:
-        entry = (await self.ctx.dlq_view()).get(request.match_info["id"])
+        d_id = request.match_info["id"]
+        entry = (await self.ctx.dlq_entries([d_id])).get(d_id)
         if entry is None:
-            raise ApiError(404, f"no DLQ entry {request.match_info['id'][:80]}")
+            raise ApiError(404, f"no DLQ entry {d_id[:80]}")
         row = dlq_row(entry, with_history=True)
         row["data"] = entry.get("data")
         row["previous"] = entry.get("previous")
@@ -77,7 +84,7 @@ class DlqRoutes:
         await read_json(request, optional=True)
         d_id = request.match_info["id"]
         await self.ctx.dlq_fresh()
-        entry = (await self.ctx.dlq_view()).get(d_id)
+        entry = (await self.ctx.dlq_entries([d_id])).get(d_id)
         if entry is None:
             raise ApiError(404, f"no DLQ entry {d_id[:80]} (already replayed, or never dead)")
         if not is_replayable(entry):
@@ -99,20 +106,24 @@ class DlqRoutes:
         )
         flt = dlq_filter(doc)
         await self.ctx.dlq_fresh()
-        entries = select(await self.ctx.dlq_view(), flt)
-        todo = [e for e in entries if is_replayable(e)]
-        skipped = [str(e.get("id")) for e in entries if not is_replayable(e)]
+        entries = select(await self.ctx.dlq_view(), flt)  # index entries
+        todo = [e.id for e in entries if e.replayable]
+        skipped = [e.id for e in entries if not e.replayable]
         if doc.get("dry_run"):
-            return json_response({"dry_run": True, "would_replay": [e["id"] for e in todo], "skipped": skipped})
-        n = 0
-        for i in range(0, len(todo), 500):  # bounded batches of in-flight produce futures
-            n += await self._replay(todo[i : i + 500])
+            return json_response({"dry_run": True, "would_replay": todo, "skipped": skipped})
+        n, done, endpoints = 0, [], {}
+        for i in range(0, len(todo), 500):  # bounded batches: payloads read, then produced
+            whole = await self.ctx.dlq_entries(todo[i : i + 500])
+            batch = [whole[d_id] for d_id in todo[i : i + 500] if d_id in whole]
+            n += await self._replay(batch)
+            done.extend(e["id"] for e in batch)
+            endpoints.update({str(e.get("endpoint_id")): e for e in batch})
         return json_response(
             {
                 "replayed": n,
-                "delivery_ids": [e["id"] for e in todo],
+                "delivery_ids": done,
                 "skipped": skipped,
-                "warnings": self._warnings(todo),
+                "warnings": self._warnings(list(endpoints.values())),
             }
         )
 
