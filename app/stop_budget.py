@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any
 
+from app.health import EXIT_FAILED, HEALTH
+
 log = logging.getLogger("perfex_webhooks")
 
 BUDGET = 40.0
@@ -103,6 +105,6 @@ def start_watchdog(comps: Any) -> None:
                 handler.flush()
             except Exception:
                 pass
-        os._exit(EXIT_UNFINISHED)
+        os._exit(EXIT_UNFINISHED if HEALTH.ok else EXIT_FAILED)  # a failure's stop keeps its status
 
     threading.Thread(target=watch, name="stop-watchdog", daemon=True).start()
