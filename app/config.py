@@ -133,6 +133,17 @@ def load_env_file(path: str | os.PathLike[str] = ".env") -> None:
         os.environ.setdefault(key, value)
 
 
+def _allowed_targets(text: str) -> frozenset[str]:
+    from app.netguard import parse_allowed_targets  # aiohttp-heavy: only when the variable is set
+
+    if not text.strip():
+        return frozenset()
+    try:
+        return parse_allowed_targets(text)
+    except ValueError as exc:
+        raise ConfigError(f"WEBHOOKS_ALLOWED_TARGETS: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str = "localhost:9092"
@@ -158,6 +169,8 @@ class Settings:
     # Fernet keys (comma-separated, newest first) for endpoint secrets at rest; none = clear.
     secrets_key: str | None = field(default=None, repr=False)
     allow_private_targets: bool = False
+    # host:port pairs the SSRF guard lets through although private (app/netguard.py)
+    allowed_targets: frozenset[str] = frozenset()
     max_event_bytes: int = 1_000_000
     # Concurrency of the HTTP hot path inside one worker (see docs/architecture.md).
     max_in_flight: int = 64
@@ -206,6 +219,7 @@ class Settings:
             ingest_burst=int(_number(e, "WEBHOOKS_INGEST_BURST", 400)),
             secrets_key=e.get("WEBHOOKS_SECRETS_KEY") or None,
             allow_private_targets=_bool(e.get("WEBHOOKS_ALLOW_PRIVATE_TARGETS"), False),
+            allowed_targets=_allowed_targets(e.get("WEBHOOKS_ALLOWED_TARGETS") or ""),
             max_event_bytes=int(e.get("WEBHOOKS_MAX_EVENT_BYTES") or 1_000_000),
             max_in_flight=int(e.get("WEBHOOKS_MAX_IN_FLIGHT") or 64),
             max_in_flight_per_endpoint=int(e.get("WEBHOOKS_MAX_IN_FLIGHT_PER_ENDPOINT") or 8),

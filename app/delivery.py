@@ -26,7 +26,7 @@ from app import __version__
 from app.config import Settings
 from app.endpoints import Endpoint
 from app.events import ChangeEvent
-from app.netguard import ForbiddenTarget, GuardedResolver, check_literal_host
+from app.netguard import ForbiddenTarget, GuardedResolver, check_literal_host, target_allowed
 from app.signing import build_headers, dumps
 
 
@@ -185,7 +185,7 @@ class HttpSender:
         connector = aiohttp.TCPConnector(
             limit=self.settings.max_in_flight * 2,
             limit_per_host=0,
-            resolver=GuardedResolver(self.settings.allow_private_targets),
+            resolver=GuardedResolver(self.settings.allow_private_targets, self.settings.allowed_targets),
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
         )
@@ -222,7 +222,10 @@ class HttpSender:
                 version=__version__,
             )
             url = _parsed_url(endpoint.url)
-            check_literal_host(url.host or "", self.settings.allow_private_targets)
+            allow = self.settings.allow_private_targets or target_allowed(
+                url.host, url.port, self.settings.allowed_targets
+            )
+            check_literal_host(url.host or "", allow)
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 # Read at most a small cap: the body only matters for the attempt log.

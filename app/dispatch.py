@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 ATTEMPTS = "webhooks.attempts"
 
 
+# DLQ reason of an outcome that parks at once (SPEC: dlq_reason); any other parks after the tiers.
+_PARK_REASON = {"gone": "gone", "forbidden": "forbidden_target"}
+
+
 def tier_label(index: int) -> str:
     return TIER_TOPICS[index].removeprefix("webhooks.retry.")
 
@@ -118,7 +122,7 @@ class Dispatcher:
     async def _schedule(self, d: Delivery, a: Attempt | None) -> None:
         topic, index = next_hop(self.settings, d, a)
         if index is None:
-            reason = "gone" if a is not None and a.outcome == "gone" else "retries_exhausted"
+            reason = _PARK_REASON.get(a.outcome if a is not None else "", "retries_exhausted")
             await self.park(d, reason)
             return
         metrics.RETRIES_SCHEDULED.labels(tier=tier_label(index)).inc()

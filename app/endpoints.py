@@ -124,7 +124,7 @@ def create_endpoint(
     """Validate and build a new endpoint (not yet stored)."""
     return Endpoint(
         id=new_endpoint_id(),
-        url=validate_url(url, settings.allow_private_targets),
+        url=validate_url(url, settings.allow_private_targets, allowed=settings.allowed_targets),
         events=tuple(load_catalog().validate_patterns(events)),
         mode=validate_mode(mode),
         secret=validate_secret(secret) if secret else generate_secret(),
@@ -140,7 +140,9 @@ def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -
     if unknown:
         raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
     if "url" in changes:
-        kw["url"] = validate_url(str(changes["url"]), settings.allow_private_targets)
+        kw["url"] = validate_url(
+            str(changes["url"]), settings.allow_private_targets, allowed=settings.allowed_targets
+        )
     if "events" in changes:
         kw["events"] = tuple(load_catalog().validate_patterns(changes["events"]))
     if "mode" in changes:

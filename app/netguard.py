@@ -106,7 +106,9 @@ def _literal_verdict(host: str, allow_private: bool) -> str | None:
     return None
 
 
-def validate_url(url: str, allow_private: bool, resolve: bool = True) -> str:
+def validate_url(
+    url: str, allow_private: bool, resolve: bool = True, allowed: frozenset[str] = frozenset()
+) -> str:
     """Operator-facing check of an endpoint URL; returns it normalised or raises ValueError."""
     url = (url or "").strip()
     parts = urlsplit(url)
@@ -129,7 +131,7 @@ def validate_url(url: str, allow_private: bool, resolve: bool = True) -> str:
             )
     if v4 is not None and str(v4) != parts.hostname:
         raise ValueError(f"url: {parts.hostname} is a non-standard spelling of {v4}; write {v4}")
-    if allow_private:
+    if allow_private or target_allowed(parts.hostname, parts.port or _PORTS[parts.scheme], allowed):
         return url
     try:
         check_literal_host(parts.hostname, allow_private)
@@ -155,8 +157,9 @@ def validate_url(url: str, allow_private: bool, resolve: bool = True) -> str:
 class GuardedResolver(AbstractResolver):
     """aiohttp resolver that refuses a host if any of its addresses is forbidden."""
 
-    def __init__(self, allow_private: bool = False) -> None:
+    def __init__(self, allow_private: bool = False, allowed: frozenset[str] = frozenset()) -> None:
         self.allow_private = allow_private
+        self.allowed = allowed
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
         loop = asyncio.get_running_loop()
@@ -165,9 +168,10 @@ class GuardedResolver(AbstractResolver):
         except socket.gaierror as exc:
             raise OSError(f"cannot resolve {host}: {exc.strerror}") from exc
         out: list[ResolveResult] = []
+        allow = self.allow_private or target_allowed(host, port, self.allowed)
         for fam, _, proto, _, sockaddr in infos:
             addr = str(sockaddr[0])
-            if not self.allow_private and (why := forbidden_reason(addr)):
+            if not allow and (why := forbidden_reason(addr)):
                 raise ForbiddenTarget(f"{host} resolves to a {why}")
             out.append(
                 ResolveResult(
@@ -185,3 +189,36 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+# ---- WEBHOOKS_ALLOWED_TARGETS: named host:port pairs that may be private (a local receiver, a sidecar)
+_PORTS = {"http": 80, "https": 443}
+
+
+def target_key(host: str, port: int) -> str:
+    """Canonical 'host:port' (IPv6 in brackets, IP literals in their standard spelling)."""
+    host = host.strip().strip("[]").lower()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host}:{port}"
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def parse_allowed_targets(text: str) -> frozenset[str]:
+    """'127.0.0.1:8000,[::1]:9000,hooks.internal:443' -> canonical keys; ValueError names a bad entry."""
+    out = set()
+    for entry in (x.strip() for x in text.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{entry!r} is not host:port (write IPv6 as [::1]:8000)")
+        out.add(target_key(host, int(port)))
+    return frozenset(out)
+
+
+def target_allowed(host: str | None, port: int | None, allowed: frozenset[str]) -> bool:
+    """True if host:port is one the operator named: the guard lets it through even if private.
+    Exactly that port: an allowed receiver does not open the rest of its host."""
+    return bool(allowed) and host is not None and port is not None and target_key(host, port) in allowed

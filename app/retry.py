@@ -42,8 +42,8 @@ def next_hop(settings: Settings, delivery: Delivery, attempt: Attempt | None) ->
     """
     from app.config import TIER_TOPICS
 
-    if attempt is not None and attempt.outcome == "gone":
-        return DLQ, None
+    if attempt is not None and attempt.outcome in ("gone", "forbidden"):
+        return DLQ, None  # the endpoint said so, or the SSRF guard refused it: a retry cannot help
     tiers = len(settings.retry_schedule)
     if delivery.failures > tiers:
         return DLQ, None

@@ -59,7 +59,6 @@ def settings(kafka: BrokerHandle, prefix: str) -> Settings:
         {
             "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
             "WEBHOOKS_TOPIC_PREFIX": prefix,
-            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
         }
     )
 

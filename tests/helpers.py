@@ -3,31 +3,71 @@ reading Prometheus metrics. Test modules import from here, never from each other
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+import pytest
 from click.testing import CliRunner, Result
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from app.endpoints import TOPIC, Endpoint, create_endpoint
+from app.netguard import parse_allowed_targets
 from app.producer import Producer
-from tests.receiver import Receiver, Reply
+from tests.receiver import Receiver, Reply, allowed_targets
+from tests.workers import WorkerProcess
 
 Samples = list[tuple[str, dict[str, str], float]]
 
 
 def register(settings: Settings, receiver: Receiver, path: str, events: str, mode: str) -> Endpoint:
     """An endpoint on the test receiver, written to the registry topic the way the CLI writes it."""
-    ep = create_endpoint(settings, url=receiver.url(path), events=events, mode=mode)
+    ep = create_endpoint(with_receivers(settings), url=receiver.url(path), events=events, mode=mode)
     with Producer(settings) as p:
         p.send(TOPIC, ep.id, ep.record())
     return ep
+
+
+def with_receivers(settings: Settings) -> Settings:
+    """settings whose SSRF guard also lets through the test receivers made so far."""
+    return replace(settings, allowed_targets=settings.allowed_targets | parse_allowed_targets(allowed_targets()))
+
+
+# ---- tools the suite needs: never a silent skip in CI ---------------------------------------------
+INSTALL = {  # the command that installs each tool (scripts/bootstrap runs it on a fresh machine)
+    "node": "apt-get install nodejs",
+    "chromium": "apt-get install chromium",
+    "prometheus": "apt-get install prometheus",
+    "promtool": "apt-get install prometheus",
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def missing(what: str) -> None:
+    """A test cannot run here: under CI=true that fails the run; locally it is a skip that says how
+    to get what is missing."""
+    if in_ci():
+        pytest.fail(f"{what} (CI=true: a missing tool fails the run)", pytrace=False)
+    pytest.skip(what)
+
+
+def require_tool(name: str) -> str:
+    """The path of `name` found the way scripts/bootstrap looks for it (`command -v`), or see missing()."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} is not on PATH; install it with `{INSTALL[name]}` (or run scripts/bootstrap)")
+    assert path is not None
+    return path
 
 
 def eventually(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -49,7 +89,7 @@ def cli(settings: Settings, *args: str, **extra: str | None) -> Result:
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "WEBHOOKS_TOPIC_PREFIX": settings.topic_prefix,
-        "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
+        "WEBHOOKS_ALLOWED_TARGETS": allowed_targets(),  # the guard stays on; the test receivers pass
         **extra,
     }
     return CliRunner().invoke(main, ["--env-file", "/nonexistent", *args], env=env)
@@ -78,6 +118,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def read_all(settings: Settings, topic: str, expect: int, timeout: float = 20.0) -> list:
+    """Every record of `topic`: wait (up to `timeout`) until at least `expect` arrived, then read on
+    to the end offsets of every partition, so a count of "exactly N" also sees an N+1st record."""
     c = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -86,16 +128,78 @@ def read_all(settings: Settings, topic: str, expect: int, timeout: float = 20.0)
         }
     )
     name = settings.topic(topic)
-    parts = c.list_topics(name, timeout=10).topics[name].partitions
-    c.assign([TopicPartition(name, p, 0) for p in parts])
-    out = []
+    try:
+        parts = c.list_topics(name, timeout=10).topics[name].partitions
+        c.assign([TopicPartition(name, p, 0) for p in parts])
+        out = []
+        deadline = time.monotonic() + timeout
+        while len(out) < expect and time.monotonic() < deadline:
+            msg = c.poll(0.5)
+            if msg is not None and msg.error() is None:
+                out.append(msg)
+        # The end as of now (after the expected records): read up to it on every partition.
+        ends = {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
+        seen = {p: -1 for p in parts}
+        for m in out:
+            seen[m.partition()] = max(seen[m.partition()], m.offset())
+        end_deadline = time.monotonic() + 30
+        while any(seen[p] + 1 < ends[p] for p in parts):
+            assert time.monotonic() < end_deadline, f"{name}: could not read to the end {ends}"
+            msg = c.poll(0.5)
+            if msg is not None and msg.error() is None:
+                out.append(msg)
+                seen[msg.partition()] = max(seen[msg.partition()], msg.offset())
+        return out
+    finally:
+        c.close()
+
+
+# ---- strict negatives: "nothing else arrives" -------------------------------------------------------
+def pipeline_idle(worker: WorkerProcess) -> str | None:
+    """None if the worker has nothing left to do (every webhooks_consumer_lag series 0, no HTTP
+    request in flight, no smart item pending); else what is still busy."""
+    samples = parse_metrics(worker.metrics())
+    busy = [f"lag {lab.get('topic')}={v:g}" for n, lab, v in samples if n == "webhooks_consumer_lag" and v]
+    if not any(n == "webhooks_consumer_lag" for n, _, _ in samples):
+        busy.append("no webhooks_consumer_lag reported yet")
+    for name in ("webhooks_in_flight_requests", "webhooks_smart_pending"):
+        if metric_value(samples, name):
+            busy.append(f"{name}={metric_value(samples, name):g}")
+    return "; ".join(busy) or None
+
+
+def settle_period(worker: WorkerProcess) -> float:
+    """How long "nothing else arrives" waits once the pipeline looks done, from the worker's
+    configuration: two lag refreshes (a record just moved into a tier or the delivery topic shows as
+    lag within one) plus the smart window (a debounced item still waiting)."""
+    from app.observe import LAG_INTERVAL
+
+    cfg = Settings.from_env(worker.env)
+    return 2 * LAG_INTERVAL + cfg.smart_window
+
+
+def settle(
+    *workers: WorkerProcess, accounted: Callable[[], Any] = lambda: True, timeout: float = 60.0
+) -> None:
+    """Before counting what (did not) arrive: the positive sign that the pipeline is done.
+
+    1. `accounted()` is truthy: the receiver, attempt log or DLQ show where each record went;
+    2. every worker is idle (pipeline_idle: lag 0 on every consumed topic, nothing in flight/pending);
+    3. after the settle period, 1 and 2 still hold, so a late retry or duplicate had its chance.
+    """
     deadline = time.monotonic() + timeout
-    while len(out) < expect and time.monotonic() < deadline:
-        msg = c.poll(0.5)
-        if msg is not None and msg.error() is None:
-            out.append(msg)
-    c.close()
-    return out
+
+    def done() -> bool:
+        return bool(accounted()) and all(pipeline_idle(w) is None for w in workers)
+
+    for round_ in range(2):
+        while not done():
+            if time.monotonic() > deadline:
+                busy = {w.log_path.name: pipeline_idle(w) for w in workers}
+                raise AssertionError(f"pipeline not settled within {timeout:.0f}s: {busy}")
+            time.sleep(0.2)
+        if round_ == 0:
+            time.sleep(max(settle_period(w) for w in workers))  # the settle period itself
 
 
 @dataclass

@@ -47,6 +47,16 @@ class Received:
         return None
 
 
+# host:port of every receiver this test process made: the SSRF guard stays on in the suite's workers
+# and CLI, with exactly these pairs allowed (WEBHOOKS_ALLOWED_TARGETS; see allowed_targets()).
+_MADE: list[str] = []
+
+
+def allowed_targets() -> str:
+    """WEBHOOKS_ALLOWED_TARGETS for every receiver made so far in this process."""
+    return ",".join(_MADE)
+
+
 class Receiver:
     def __init__(self) -> None:
         self.requests: list[Received] = []
@@ -59,6 +69,7 @@ class Receiver:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        _MADE.append(f"127.0.0.1:{self.port}")
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"

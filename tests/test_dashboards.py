@@ -11,7 +11,6 @@ variables are replaced the way Grafana would ($__rate_interval = 4 x scrape inte
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.helpers import produce_load, register_load_endpoints
+from tests.helpers import produce_load, register_load_endpoints, require_tool
 from tests.receiver import Receiver
 from tests.workers import OUTPUT, WorkerProcess, free_port
 
@@ -75,7 +74,7 @@ class Prometheus:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
-                shutil.which("prometheus") or "/usr/bin/prometheus",
+                require_tool("prometheus"),
                 f"--config.file={config}",
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
@@ -122,14 +121,7 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus_bin() -> str:
-    path = shutil.which("prometheus") or (
-        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
-    )
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed (scripts/bootstrap installs Debian's package)")
-        pytest.skip("Debian's prometheus is not installed; run scripts/bootstrap")
-    return path
+    return require_tool("prometheus")
 
 
 def variable_values(prom: Prometheus, dashboard: dict[str, Any]) -> dict[str, list[str]]:

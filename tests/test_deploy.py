@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pytest
 import yaml
 
 from app.cli import main
 from app.config import Settings
 from app.metrics import REGISTRY
 from app.topics import load_specs
+from tests.helpers import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -102,7 +102,7 @@ def test_every_yaml_and_json_parses() -> None:
 
 
 def test_kubernetes_manifests_match_the_schemas() -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate  # a test dependency: missing is a failure
     version = kubernetes_validate.latest_version()
     kinds = set()
     for doc in k8s_docs():
@@ -236,15 +236,15 @@ def test_compose_kafka_prometheus_grafana() -> None:
     assert sd["port"] == Settings().web_port and scrape.get("metrics_path", "/metrics") == "/metrics"
     assert scrape["authorization"]["credentials_file"] == "metrics-token"  # WEBHOOKS_METRICS_TOKEN
     assert "/etc/prometheus/metrics-token" in prom["command"][0]
-    if shutil.which("promtool"):
-        # promtool wants the token file to exist: check a copy next to a stand-in token.
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(prom_file, Path(tmp) / "prometheus.yml")
-            (Path(tmp) / "metrics-token").write_text("x" * 32)
-            out = subprocess.run(
-                ["promtool", "check", "config", str(Path(tmp) / "prometheus.yml")], capture_output=True, text=True
-            )
-        assert out.returncode == 0, out.stdout + out.stderr
+    promtool = require_tool("promtool")
+    # promtool wants the token file to exist: check a copy next to a stand-in token.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(prom_file, Path(tmp) / "prometheus.yml")
+        (Path(tmp) / "metrics-token").write_text("x" * 32)
+        out = subprocess.run(
+            [promtool, "check", "config", str(Path(tmp) / "prometheus.yml")], capture_output=True, text=True
+        )
+    assert out.returncode == 0, out.stdout + out.stderr
 
     grafana = services["grafana"]
     mounts = dict(v.rsplit(":", 2)[:2] if v.endswith(":ro") else v.split(":", 1) for v in grafana["volumes"])

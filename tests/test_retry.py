@@ -12,7 +12,7 @@ from app.config import Settings
 from app.dlq import read_view
 from app.endpoints import read_endpoints
 from app.producer import Producer
-from tests.helpers import cli, register
+from tests.helpers import cli, metric, register, settle
 from tests.receiver import Reply
 
 pytestmark = pytest.mark.kafka
@@ -34,11 +34,11 @@ def test_fails_three_times_then_succeeds_with_same_id_and_attempt_numbers(
 ) -> None:
     register(settings, receiver, "/r", "invoice.*", "async")
     receiver.on("/r", lambda n: Reply(500) if n <= 3 else Reply(200))
-    workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
+    w = workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
     with Producer(settings) as p:
         p.emit("invoice.paid", "1", {"id": "1"})
-    got = receiver.wait_for(4, "/r", timeout=30)
-    time.sleep(1.0)  # a fifth attempt would come 300 ms after the fourth
+    receiver.wait_for(4, "/r", timeout=30)
+    settle(w, accounted=lambda: len(receiver.received("/r")) >= 4)  # no fifth attempt follows
     got = receiver.received("/r")
     assert [r.header("X-PerfexAPI-Attempt") for r in got] == ["1", "2", "3", "4"]
     assert len({r.header("X-PerfexAPI-Delivery") for r in got}) == 1
@@ -50,10 +50,12 @@ def test_fails_three_times_then_succeeds_with_same_id_and_attempt_numbers(
 def test_always_failing_endpoint_gets_nine_attempts_then_dlq(settings, receiver, workers) -> None:
     ep = register(settings, receiver, "/f", "lead.*", "immediate")
     receiver.on("/f", lambda n: Reply(503, body=b"down"))
-    workers(WEBHOOKS_RETRY_SCHEDULE=",".join(["100ms"] * 8))
+    w = workers(WEBHOOKS_RETRY_SCHEDULE=",".join(["100ms"] * 8))
     with Producer(settings) as p:
         p.emit("lead.created", "9", {"id": "9", "name": "Ada"})
-    view = wait_dlq(settings, 1)
+    wait_dlq(settings, 1)
+    settle(w, accounted=lambda: read_view(settings))  # parked, and no tenth attempt follows
+    view = read_view(settings)
     assert len(view) == 1
     entry = next(iter(view.values()))
     assert len(receiver.received("/f")) == 9
@@ -67,8 +69,6 @@ def test_always_failing_endpoint_gets_nine_attempts_then_dlq(settings, receiver,
     assert all(a["status"] == 503 and a["outcome"] == "http_error" for a in entry["attempts"])
     assert all(a["at"] > 0 and a["latency_ms"] >= 0 for a in entry["attempts"])
     assert ep.secret not in orjson.dumps(entry).decode()
-    time.sleep(0.5)
-    assert len(receiver.received("/f")) == 9
 
 
 def test_retry_after_is_honoured(settings, receiver, workers) -> None:
@@ -85,7 +85,7 @@ def test_retry_after_is_honoured(settings, receiver, workers) -> None:
 def test_410_disables_endpoint_and_parks_at_once(settings, receiver, workers) -> None:
     ep = register(settings, receiver, "/gone", "ticket.*", "immediate")
     receiver.on("/gone", lambda n: Reply(410))
-    workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
+    w = workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
     with Producer(settings) as p:
         p.emit("ticket.created", "1", {"id": "1"})
     view = wait_dlq(settings, 1)
@@ -96,35 +96,47 @@ def test_410_disables_endpoint_and_parks_at_once(settings, receiver, workers) ->
         assert time.monotonic() < deadline, "endpoint still enabled after a 410"
         time.sleep(0.2)
     assert "410" in (read_endpoints(settings)[ep.id].disabled_reason or "")
-    # Later events for the disabled endpoint are not sent to it.
+    # Later events for the disabled endpoint are not sent to it: consumed, and no delivery made.
     with Producer(settings) as p:
         p.emit("ticket.updated", "1", {"id": "1"})
-    time.sleep(1.0)
+    settle(w, accounted=lambda: metric(w.metrics(), "webhooks_events_consumed_total", event="ticket.updated"))
     assert len(receiver.received("/gone")) == 1
+    assert [e["dlq_reason"] for e in read_view(settings).values()] == ["gone"]
 
 
 def test_disabled_endpoint_deliveries_go_to_dlq_not_nowhere(settings, receiver, workers) -> None:
     ep = register(settings, receiver, "/d", "invoice.*", "async")
     receiver.on("/d", lambda n: Reply(500))
-    workers(WEBHOOKS_RETRY_SCHEDULE="2s")
+    w = workers(WEBHOOKS_RETRY_SCHEDULE="2s")
     with Producer(settings) as p:
-        p.emit("invoice.sent", "4", {"id": "4"})
-    receiver.wait_for(1, "/d")
+        sent = p.emit("invoice.sent", "4", {"id": "4"})
+    (first,) = receiver.wait_for(1, "/d")
     assert cli(settings, "endpoints", "disable", ep.id).exit_code == 0
-    view = wait_dlq(settings, 1)
-    assert [e["dlq_reason"] for e in view.values()] == ["endpoint_disabled"]
+    wait_dlq(settings, 1)
+    settle(w, accounted=lambda: read_view(settings))
+    view = read_view(settings)
+    # Parked from the tier with what happened so far: the one failed attempt, same delivery id.
+    (entry,) = view.values()
+    assert entry["dlq_reason"] == "endpoint_disabled" and entry["id"] == first.header("X-PerfexAPI-Delivery")
+    assert entry["endpoint_id"] == ep.id and entry["event_id"] == sent["id"]
+    assert [(a["outcome"], a["status"]) for a in entry["attempts"]] == [("http_error", 500)]
     assert len(receiver.received("/d")) == 1
+    text = w.metrics()
+    assert metric(text, "webhooks_dlq_entries_total", reason="endpoint_disabled") == 1
+    assert metric(text, "webhooks_dlq_size") == 1
 
 
 def test_replay_after_recovery_delivers_each_once_and_empties_dlq(settings, receiver, workers) -> None:
     healthy = {"on": False}
     register(settings, receiver, "/p", "payment.*", "async")
     receiver.on("/p", lambda n: Reply(200) if healthy["on"] else Reply(500))
-    workers(WEBHOOKS_RETRY_SCHEDULE="100ms")  # one retry, then the DLQ
+    w = workers(WEBHOOKS_RETRY_SCHEDULE="100ms")  # one retry, then the DLQ
     with Producer(settings) as p:
         for i in range(5):
             p.emit("payment.received", str(i), {"id": str(i)}, flush=False)
-    view = wait_dlq(settings, 5)
+    wait_dlq(settings, 5)
+    settle(w, accounted=lambda: len(read_view(settings)) >= 5)
+    view = read_view(settings)
     assert len(view) == 5
     failed = len(receiver.received("/p"))
     assert failed == 10
@@ -134,7 +146,7 @@ def test_replay_after_recovery_delivers_each_once_and_empties_dlq(settings, rece
 
     res = cli(settings, "dlq", "replay", "--all", "--dry-run")
     assert res.exit_code == 0 and "5 would be replayed" in res.output
-    time.sleep(0.5)
+    settle(w)
     assert len(read_view(settings)) == 5 and len(receiver.received("/p")) == failed
 
     healthy["on"] = True
@@ -144,7 +156,7 @@ def test_replay_after_recovery_delivers_each_once_and_empties_dlq(settings, rece
     receiver.wait_for(failed + 5, "/p", timeout=30)
     res = cli(settings, "dlq", "replay", "--all")  # a second replay finds nothing
     assert "replayed 0" in res.output
-    time.sleep(1.0)
+    settle(w, accounted=lambda: not read_view(settings))
     replayed = receiver.received("/p")[failed:]
     assert len(replayed) == 5
     assert {r.header("X-PerfexAPI-Delivery") for r in replayed} == set(view)
@@ -156,7 +168,7 @@ def test_replay_after_recovery_delivers_each_once_and_empties_dlq(settings, rece
 def test_replay_one_and_bad_arguments(settings, receiver, workers) -> None:
     register(settings, receiver, "/o", "expense.*", "async")
     receiver.on("/o", lambda n: Reply(500) if n <= 2 else Reply(200))
-    workers(WEBHOOKS_RETRY_SCHEDULE="100ms")
+    w = workers(WEBHOOKS_RETRY_SCHEDULE="100ms")
     with Producer(settings) as p:
         p.emit("expense.created", "1", {"id": "1"})
     view = wait_dlq(settings, 1)
@@ -165,8 +177,10 @@ def test_replay_one_and_bad_arguments(settings, receiver, workers) -> None:
     assert cli(settings, "dlq", "replay", "--delivery-id", "dlv_nope").exit_code != 0
     res = cli(settings, "dlq", "replay", "--delivery-id", dlv)
     assert res.exit_code == 0 and "replayed 1" in res.output
-    got = receiver.wait_for(3, "/o")
-    assert got[-1].header("X-PerfexAPI-Delivery") == dlv
+    receiver.wait_for(3, "/o")
+    settle(w, accounted=lambda: not read_view(settings))
+    got = receiver.received("/o")
+    assert len(got) == 3 and got[-1].header("X-PerfexAPI-Delivery") == dlv
     assert read_view(settings) == {}
 
 
@@ -182,8 +196,11 @@ def test_records_waiting_in_a_tier_survive_a_worker_restart(settings, receiver, 
     receiver.wait_for(3, "/w")
     w.stop()  # the three retries wait in the 4 s tier
     assert len(receiver.received("/w")) == 3
-    workers(name="worker2", **env)
-    got = receiver.wait_for(6, "/w", timeout=30)
+    w2 = workers(name="worker2", **env)
+    receiver.wait_for(6, "/w", timeout=30)
+    settle(w2, accounted=lambda: len(receiver.received("/w")) >= 6)
+    got = receiver.received("/w")
+    assert len(got) == 6
     retried = got[3:]
     assert sorted(r.json["data"]["id"] for r in retried) == ["0", "1", "2"]
     assert all(r.header("X-PerfexAPI-Attempt") == "2" for r in retried)

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import re
-import shutil
 import struct
 import subprocess
 import time
@@ -41,10 +40,9 @@ from app.signing import (
     verify_hex,
     verify_standard,
 )
+from tests.helpers import require_tool
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "receivers.md"
-NODE = shutil.which("node")
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not on PATH")
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
@@ -72,7 +70,7 @@ def _run_node(tmp_path: Path, script: str, records: list[dict[str, Any]]) -> lis
     path.write_text(script, encoding="utf-8")
     stdin = "".join(json.dumps(r) + "\n" for r in records)
     proc = subprocess.run(
-        [NODE or "node", str(path)], input=stdin, capture_output=True, text=True, timeout=60
+        [require_tool("node"), str(path)], input=stdin, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()]
@@ -349,7 +347,6 @@ def test_dumps_fast_path_for_perfex_shaped_bodies(monkeypatch: pytest.MonkeyPatc
 # ----------------------------------------------------------------------------- Node.js
 
 
-@needs_node
 def test_node_snippet_from_docs_verifies_deliveries(tmp_path: Path) -> None:
     snippet = _doc_block("### Node.js", "js")
     assert "timingSafeEqual" in snippet
@@ -462,7 +459,6 @@ function check(r) {
 """
 
 
-@needs_node
 def test_bodies_survive_n8n_round_trip(tmp_path: Path) -> None:
     fixed: list[Any] = [
         {"text": "Zoë Ångström 東京 中文 한국어 😀🎉", "path": "a/b/c", "html": "</script><b>&amp;</b>"},

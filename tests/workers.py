@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from app.config import Settings
+from tests.receiver import allowed_targets
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 TOKEN = "test-admin-token-0123456789abcdefghijklmn"  # >= 32 characters: workers refuse shorter
@@ -30,7 +31,6 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "WEBHOOKS_TOPIC_PREFIX": settings.topic_prefix,
-        "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
         "WEBHOOKS_ADMIN_TOKEN": TOKEN,
         "WEBHOOKS_DATA_DIR": str(OUTPUT / "faust-data"),
         "PYTHONUNBUFFERED": "1",
@@ -44,6 +44,7 @@ class WorkerProcess:
         self.settings = settings
         self.port = free_port()
         self.env = worker_env(settings, WEBHOOKS_WEB_PORT=str(self.port), **env)
+        self.explicit = set(env)
         OUTPUT.mkdir(exist_ok=True)
         self.log_path = OUTPUT / f"{settings.topic_prefix}{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,9 +55,14 @@ class WorkerProcess:
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> WorkerProcess:
         log = open(self.log_path, "ab")
+        # The SSRF guard stays on: only the test receivers made so far (before this start) are
+        # allowed, unless the test chose WEBHOOKS_ALLOWED_TARGETS itself ("" = the plain default).
+        env = dict(self.env)
+        if "WEBHOOKS_ALLOWED_TARGETS" not in self.explicit:
+            env["WEBHOOKS_ALLOWED_TARGETS"] = allowed_targets()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker", "--loglevel", "info"],
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
