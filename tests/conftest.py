@@ -15,6 +15,7 @@ import pytest
 from app.config import Settings
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+SLOW_TIMEOUT = 600  # seconds; pyproject's `timeout` (240) applies to every other test
 
 
 class BrokerHandle:
@@ -54,13 +55,26 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def settings(kafka: BrokerHandle, prefix: str) -> Settings:
-    return Settings.from_env(
+def settings(kafka: BrokerHandle, prefix: str) -> Iterator[Settings]:
+    """This test's settings; its topics (every name starting with its prefix) are deleted after it,
+    once the workers that used them have stopped (they are torn down first)."""
+    yield Settings.from_env(
         {
             "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
             "WEBHOOKS_TOPIC_PREFIX": prefix,
         }
     )
+    from tests.helpers import delete_topics
+
+    delete_topics(kafka.bootstrap, prefix)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A slow fault test gets SLOW_TIMEOUT instead of the suite's per-test timeout, so its own
+    deadlines (a broker restart, a SIGKILL and catch-up) fail with their message, not a timeout."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -46,6 +46,8 @@ INSTALL = {  # the command that installs each tool (scripts/bootstrap runs it on
     "chromium": "apt-get install chromium",
     "prometheus": "apt-get install prometheus",
     "promtool": "apt-get install prometheus",
+    "php": "apt-get install php-cli",
+    "podman": "apt-get install podman",
 }
 
 
@@ -152,6 +154,21 @@ def read_all(settings: Settings, topic: str, expect: int, timeout: float = 20.0)
         return out
     finally:
         c.close()
+
+
+def delete_topics(bootstrap: str, prefix: str, timeout: float = 15.0) -> list[str]:
+    """Delete every topic whose name starts with `prefix` (a test's own topics, Faust's included);
+    returns their names. Tests share one broker: without this a session leaves thousands of
+    partitions behind, and every later metadata request pays for them."""
+    from confluent_kafka.admin import AdminClient
+
+    assert prefix, "an empty prefix would delete every topic"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = [t for t in admin.list_topics(timeout=timeout).topics if t.startswith(prefix)]
+    if names:
+        for f in admin.delete_topics(names, operation_timeout=timeout).values():
+            f.result(timeout)
+    return names
 
 
 # ---- strict negatives: "nothing else arrives" -------------------------------------------------------

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from app.config import Settings
 from app.signing import verify_hex
-from tests.helpers import cli, cli_json, eventually
+from tests.helpers import cli, cli_json, delete_topics, eventually
 from tests.receiver import Receiver, Reply
 from tests.workers import TOKEN, WorkerProcess
 
@@ -61,6 +61,7 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
         for w in [worker, *extra]:
             w.stop()
         receiver.stop()
+        delete_topics(settings.bootstrap_servers, settings.topic_prefix)
 
 
 def openapi_routes() -> set[tuple[str, str]]:

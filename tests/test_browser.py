@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from app.config import Settings
-from tests.helpers import eventually, require_tool
+from tests.helpers import delete_topics, eventually, require_tool
 from tests.receiver import Receiver, Reply
 from tests.workers import TOKEN, WorkerProcess
 
@@ -56,6 +56,7 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
     finally:
         worker.stop()
         receiver.stop()
+        delete_topics(settings.bootstrap_servers, settings.topic_prefix)
 
 
 @pytest.fixture(scope="module")

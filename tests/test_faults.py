@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -21,8 +22,9 @@ from aiohttp import web
 from app.config import Settings
 from app.dlq import read_view
 from app.events import build_event
-from tests.helpers import metric, register
+from tests.helpers import eventually, metric, missing, register, settle
 from tests.receiver import Received, Receiver, Reply
+from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 
@@ -129,40 +131,171 @@ def duplicates_report(label: str, got: list[Received], expected: set[str]) -> tu
     return dups, split
 
 
-# ---- SIGKILL ------------------------------------------------------------------------------------------
-def test_sigkill_worker_mid_flow_loses_nothing(settings, receiver, workers) -> None:
+# ---- SIGKILL, in every mode ---------------------------------------------------------------------------
+# Issue 11's bound on duplicates after a crash; asserted where the pipeline meets it reliably today
+# (see each test), measured and printed everywhere.
+DUP_BOUND = 0.10
+
+
+def kill_and_replace(w: WorkerProcess, workers: Callable[..., WorkerProcess], **env: str) -> WorkerProcess:
+    """SIGKILL: no shutdown, no commit, in-flight requests cut; then a replacement on the same group."""
+    w.kill()
+    t0 = time.monotonic()
+    w2 = workers(name="worker2", **env)
+    print(f"\nSIGKILL; replacement ready in {time.monotonic() - t0:.1f}s")
+    return w2
+
+
+def flow(settings: Settings, event: str, n: int, rate: float) -> tuple[threading.Thread, list[str]]:
+    ids: list[str] = []
+    t = threading.Thread(target=lambda: ids.extend(produce(settings, event, [str(i) for i in range(n)], rate=rate)))
+    t.start()
+    return t, ids
+
+
+def crash_report(
+    label: str, w: WorkerProcess, receiver: Receiver, path: str, expected: set[str], timeout: float = 150
+) -> float:
+    """Every expected event delivered (2xx) on `path`, the pipeline settled (a late duplicate counts
+    too), every duplicate under the delivery id of its first copy; returns the duplicate ratio."""
+    wait_for_events(receiver, path, expected, timeout=timeout)
+    settle(w, accounted=lambda: True, timeout=60)
+    dups, split = duplicates_report(label, receiver.received(path), expected)
+    assert split == 0, f"{label}: {split} duplicates came with a new delivery id: receivers could not dedupe them"
+    ratio = dups / len(expected)
+    print(f"{label}: duplicate ratio {ratio:.1%}")
+    return ratio
+
+
+@pytest.mark.slow
+def test_sigkill_async_mid_flow_loses_nothing(settings, receiver, workers) -> None:
     register(settings, receiver, "/k", "customer.*", "async")
     env = {"WEBHOOKS_RETRY_SCHEDULE": FAST}
     w = workers(**env)
-    n = 5000
-    ids: list[str] = []
+    n = 2000
     # Produced at ~400/s, so the kill lands while events are still being fanned out as well as delivered.
-    producer = threading.Thread(
-        target=lambda: ids.extend(produce(settings, "customer.updated", [str(i) for i in range(n)], rate=400))
-    )
-    producer.start()
+    producer, ids = flow(settings, "customer.updated", n, 400)
     try:
         receiver.wait_for(n // 4, "/k", timeout=120)  # deliveries are flowing ...
-        w.kill()  # ... SIGKILL: no shutdown, no commit, in-flight requests cut
-        killed_at = len(receiver.received("/k"))
-        t0 = time.monotonic()
-        workers(name="worker2", **env)
-        print(f"\nSIGKILL after {killed_at} requests; replacement ready in {time.monotonic() - t0:.1f}s")
+        w2 = kill_and_replace(w, workers, **env)
+    finally:
+        producer.join(60)
+    assert len(set(ids)) == n
+    crash_report("SIGKILL async", w2, receiver, "/k", set(ids))
+    assert read_view(settings) == {}
+
+
+@pytest.mark.slow
+def test_sigkill_immediate_mid_flow_loses_nothing(settings, receiver, workers) -> None:
+    register(settings, receiver, "/ki", "customer.*", "immediate")
+    env = {"WEBHOOKS_RETRY_SCHEDULE": FAST}
+    w = workers(**env)
+    n = 1500
+    producer, ids = flow(settings, "customer.updated", n, 400)
+    try:
+        receiver.wait_for(n // 4, "/ki", timeout=120)
+        w2 = kill_and_replace(w, workers, **env)
+    finally:
+        producer.join(60)
+    ratio = crash_report("SIGKILL immediate", w2, receiver, "/ki", set(ids))
+    assert ratio <= DUP_BOUND
+    assert read_view(settings) == {}
+
+
+@pytest.mark.slow
+def test_sigkill_with_smart_items_pending_loses_nothing(settings, receiver, workers) -> None:
+    register(settings, receiver, "/ks", "invoice.*", "smart")
+    env = {"WEBHOOKS_SMART_WINDOW": "4s", "WEBHOOKS_SMART_MAX_WAIT": "30s", "WEBHOOKS_RETRY_SCHEDULE": FAST}
+    w = workers(**env)
+    resources, saves = 300, 3
+    last: dict[str, str] = {}  # resource -> event id of its last save (the one a delivery carries)
+    from app.producer import Producer
+
+    with Producer(settings) as p:
+        for k in range(saves):
+            for i in range(resources):
+                last[f"inv{i}"] = p.emit("invoice.updated", f"inv{i}", {"id": f"inv{i}", "k": str(k)}, flush=False)["id"]
+    # Every save consumed and held in the smart table: kill inside the window.
+    eventually(
+        lambda: metric(w.metrics(), "webhooks_events_consumed_total", event="invoice.updated") == resources * saves,
+        60,
+        "all saves consumed",
+    )
+    pending = eventually(lambda: metric(w.metrics(), "webhooks_smart_pending"), 10, "smart items pending")
+    before = len(receiver.received("/ks"))
+    w2 = kill_and_replace(w, workers, **env)
+    print(f"killed with {pending:g} smart items pending, {before} delivered before")
+    ratio = crash_report("SIGKILL smart pending", w2, receiver, "/ks", set(last.values()))
+    for r in receiver.received("/ks"):
+        assert r.json["data"]["k"] == str(saves - 1), r.json  # each carries the last save
+    assert ratio <= DUP_BOUND
+    assert read_view(settings) == {}
+
+
+@pytest.mark.slow
+def test_sigkill_with_records_waiting_in_a_tier_loses_nothing(settings, make_receiver, workers) -> None:
+    r = make_receiver(lambda _path, attempt, _e: Reply(500) if attempt == 1 else Reply(200))
+    register(settings, r, "/kt", "contract.*", "async")
+    env = {"WEBHOOKS_RETRY_SCHEDULE": "5s"}
+    w = workers(**env)
+    n = 300
+    expected = set(produce(settings, "contract.signed", [str(i) for i in range(n)]))
+    # Every first attempt failed: all n deliveries now wait out the 5 s tier.
+    eventually(lambda: metric(w.metrics(), "webhooks_retries_scheduled_total") >= n, 60, "all in the tier")
+    assert not any(200 <= x.status < 300 for x in r.received("/kt"))
+    w2 = kill_and_replace(w, workers, **env)
+    ratio = crash_report("SIGKILL tier", w2, r, "/kt", expected)
+    assert all(
+        x.header("X-PerfexAPI-Attempt") == "2" for x in r.received("/kt") if 200 <= x.status < 300
+    )  # a retry, not a fresh delivery
+    assert ratio <= DUP_BOUND
+    assert read_view(settings) == {}
+
+
+def group_state(admin: Any, group: str) -> tuple[Any, int]:
+    desc = admin.describe_consumer_groups([group])[group].result(10)
+    return desc.state, len(desc.members)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_rebalance_with_two_workers_loses_nothing(settings, receiver, workers) -> None:
+    from confluent_kafka import ConsumerGroupState
+
+    register(settings, receiver, "/ra", "lead.*", "async")
+    register(settings, receiver, "/ri", "lead.*", "immediate")
+    env = {"WEBHOOKS_RETRY_SCHEDULE": FAST}
+    w1 = workers(**env)
+    n = 1500
+    producer, ids = flow(settings, "lead.updated", n, 300)
+    try:
+        receiver.wait_for(n // 5, "/ra", timeout=120)
+        w2 = workers(name="worker2", start=False, **env)
+        w2.start(wait=False)
+        # The group rebalances as the second worker joins: kill the first one in the middle of it.
+        rebalancing = (ConsumerGroupState.PREPARING_REBALANCING, ConsumerGroupState.COMPLETING_REBALANCING)
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+        state = eventually(
+            lambda: (st := group_state(admin, settings.group_id))[0] in rebalancing and st, 90, "a rebalance"
+        )
+        w1.kill()
+        print(f"\nSIGKILL of worker 1 during the rebalance ({state[0].name}, {state[1]} members)")
+        w2.wait_ready()
     finally:
         producer.join(60)
     expected = set(ids)
-    assert len(expected) == n and killed_at < n
-    got = wait_for_events(receiver, "/k", expected, timeout=150)
-    _dups, split = duplicates_report("SIGKILL", got, expected)
-    assert split == 0, "a duplicate came with a new delivery id: receivers could not dedupe it"
+    ratios = [crash_report(f"SIGKILL rebalance {p}", w2, receiver, p, expected) for p in ("/ra", "/ri")]
+    assert max(ratios) <= DUP_BOUND
     assert read_view(settings) == {}
 
 
 # ---- broker restart -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_broker_restart_while_events_flow_loses_nothing(kafka, settings, receiver, workers) -> None:
     broker = kafka.local
     if broker is None:
-        pytest.skip("needs the session's own LocalBroker (PERFEX_TEST_BOOTSTRAP points elsewhere)")
+        missing("needs the session's own LocalBroker (PERFEX_TEST_BOOTSTRAP points elsewhere)")
     register(settings, receiver, "/b", "lead.*", "async")
     register(settings, receiver, "/bi", "lead.*", "immediate")
     w = workers(WEBHOOKS_RETRY_SCHEDULE=FAST)

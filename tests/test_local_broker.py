@@ -23,11 +23,13 @@ def test_second_fetch_is_a_cache_hit_without_maven(monkeypatch: pytest.MonkeyPat
 @pytest.mark.kafka
 def test_broker_starts_answers_and_stops_without_a_stray_jvm(tmp_path) -> None:
     b = LocalBroker(tmp_path / "k")
-    b.start()
-    proc = b.proc
-    assert proc is not None and proc.poll() is None
-    assert b.log_file.exists()
-    b.stop()
+    try:
+        b.start()
+        proc = b.proc
+        assert proc is not None and proc.poll() is None
+        assert b.log_file.exists()
+    finally:
+        b.stop()  # also when an assertion above failed: no JVM outlives the test
     assert proc.poll() is not None
     ps = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert ps.stdout.strip() == ""

@@ -21,7 +21,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from app.config import Settings
 from app.signing import generate_secret, verify_hex, verify_standard
-from tests.helpers import cli
+from tests.helpers import cli, delete_topics
 from tests.receiver import Received, Receiver
 from tests.workers import TOKEN, WorkerProcess
 
@@ -47,6 +47,7 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
     finally:
         worker.stop()
         receiver.stop()
+        delete_topics(settings.bootstrap_servers, settings.topic_prefix)
 
 
 def make_endpoint(env: SimpleNamespace, path: str, event: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from app.endpoints import Endpoint, read_endpoints
 from app.events import ChangeEvent, build_event, parse_event
 from app.netguard import ForbiddenTarget, GuardedResolver, check_literal_host, forbidden_reason, validate_url
 from app.signing import generate_secret
-from tests.helpers import settle
+from tests.helpers import delete_topics, settle
 from tests.receiver import Receiver, Reply
 from tests.workers import TOKEN, WorkerProcess, free_port
 
@@ -297,6 +297,7 @@ def stack(kafka) -> Iterator[SimpleNamespace]:
     finally:
         worker.stop()
         receiver.stop()
+        delete_topics(settings.bootstrap_servers, settings.topic_prefix)
 
 
 def add_endpoint(stack: SimpleNamespace, path: str, events: str, mode: str = "immediate", **kw: Any) -> dict:
