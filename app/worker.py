@@ -243,7 +243,10 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
                 # is the head the commit guard below must see acked first.
                 try:
                     earliest = await consumer.earliest_offsets(tp)
-                    consumer._committed_offset[tp] = earliest[tp]
+                    # Only if still unset: a commit made while we awaited is newer, and setting it
+                    # back would stall commits on tp (lag stuck, and the head re-read later).
+                    if consumer._committed_offset.get(tp) is None:  # (a defaultdict: no setdefault)
+                        consumer._committed_offset[tp] = earliest[tp]
                 except Exception as exc:
                     log.info("earliest offset of %s unknown: %r", tp, exc)
         for tp, offset in queued.items():

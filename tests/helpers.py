@@ -59,7 +59,7 @@ def missing(what: str) -> None:
     """A test cannot run here: under CI=true that fails the run; locally it is a skip that says how
     to get what is missing."""
     if in_ci():
-        pytest.fail(f"{what} (CI=true: a missing tool fails the run)", pytrace=False)
+        pytest.fail(f"{what} (CI=true: what a test needs must be there)", pytrace=False)
     pytest.skip(what)
 
 

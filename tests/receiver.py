@@ -26,6 +26,7 @@ class Reply:
     hang: bool = False
     drop: bool = False
     body: bytes = b"ok"
+    gate: threading.Event | None = None  # answer only once this is set (at most 60 s)
 
 
 @dataclass
@@ -102,6 +103,8 @@ class Receiver:
             self.requests.append(Received(path, dict(request.headers), body, time.time(), reply.status))
         if reply.hang:
             await asyncio.sleep(3600)
+        if reply.gate is not None:
+            await asyncio.get_running_loop().run_in_executor(None, reply.gate.wait, 60)
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.drop:

@@ -21,7 +21,11 @@ from app.topics import apply, load_specs
 from tests.helpers import missing, read_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_CATALOG = ROOT.parent / "shared" / "catalog.yaml"
+# The product contract beside the checkout (../shared), or beside the worktrees' parent (../../shared).
+SHARED_CATALOG = next(
+    (p for p in (ROOT.parent / "shared" / "catalog.yaml", ROOT.parent.parent / "shared" / "catalog.yaml") if p.exists()),
+    ROOT.parent / "shared" / "catalog.yaml",
+)
 
 
 def env_for(settings: Settings) -> dict[str, str]:
