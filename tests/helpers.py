@@ -186,13 +186,15 @@ def pipeline_idle(worker: WorkerProcess) -> str | None:
 
 
 def settle_period(worker: WorkerProcess) -> float:
-    """How long "nothing else arrives" waits once the pipeline looks done, from the worker's
-    configuration: two lag refreshes (a record just moved into a tier or the delivery topic shows as
-    lag within one) plus the smart window (a debounced item still waiting)."""
+    """How long "nothing else arrives" waits once the pipeline looks idle, from the worker's
+    configuration: anything still to do shows within one refresh of the signs pipeline_idle reads
+    (consumer lag every LAG_INTERVAL; smart items pending every smart tick, app/worker.py), so two
+    refreshes of each: a record just moved into a tier or a smart item just due is seen."""
     from app.observe import LAG_INTERVAL
 
     cfg = Settings.from_env(worker.env)
-    return 2 * LAG_INTERVAL + cfg.smart_window
+    smart_tick = max(0.02, min(0.25, cfg.smart_window / 10))
+    return 2 * LAG_INTERVAL + 2 * smart_tick
 
 
 def settle(
