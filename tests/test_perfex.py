@@ -98,7 +98,6 @@ def pipeline(kafka: Any) -> Iterator[SimpleNamespace]:
         {
             "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
             "WEBHOOKS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
-            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
         }
     )
     apply(settings)

@@ -66,7 +66,6 @@ def stack(kafka) -> Iterator[SimpleNamespace]:
         {
             "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
             "WEBHOOKS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
-            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
             "WEBHOOKS_SECRETS_KEY": KEY1,
         }
     )
@@ -92,6 +91,7 @@ def stack(kafka) -> Iterator[SimpleNamespace]:
         WEBHOOKS_ADMIN_TOKEN="",
         WEBHOOKS_ADMIN_INSECURE="true",
         WEBHOOKS_ALLOW_PRIVATE_TARGETS="false",
+        WEBHOOKS_ALLOWED_TARGETS="",  # the plain default: not even the test receiver
         WEBHOOKS_RETRY_SCHEDULE=",".join(["30s"] * 8),
     )
     try:
