@@ -30,7 +30,6 @@ def test_sigterm_with_the_broker_gone_ends_the_worker_within_15_s(receiver) -> N
             {
                 "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
                 "WEBHOOKS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
-                "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
             }
         )
         apply(settings)
