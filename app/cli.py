@@ -208,6 +208,7 @@ def _print_endpoint(ep_public: dict[str, Any]) -> None:
         else f"disabled ({ep_public.get('disabled_reason') or 'by operator'})"
     )
     click.echo(f"{ep_public['id']}  {ep_public['mode']:<9} {state}")
+    click.echo(f"  format: {ep_public.get('format', 'perfexapi')}")
     click.echo(f"  url:    {ep_public['url']}")
     click.echo(f"  events: {', '.join(ep_public['events'])}")
     if ep_public.get("description"):
@@ -222,18 +223,30 @@ def _print_endpoint(ep_public: dict[str, Any]) -> None:
 @click.option(
     "--mode", type=click.Choice(["immediate", "smart", "async"]), default="async", show_default=True
 )
-@click.option("--secret", help="use this secret instead of a generated whsec_ one")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["perfexapi", "standard"]),
+    default="perfexapi",
+    show_default=True,
+    help="body shape: the resource under `payload`, or Standard Webhooks' {type, timestamp, data}",
+)
+@click.option(
+    "--secret", help="your own secret (16+ printable characters) instead of a generated whsec_ one"
+)
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
 def endpoints_add(
-    url: str, events: str, mode: str, secret: str | None, description: str, as_json: bool
+    url: str, events: str, mode: str, fmt: str, secret: str | None, description: str, as_json: bool
 ) -> None:
     """Register an endpoint; prints its id and (this once) its secret."""
     from app.endpoints import create_endpoint
 
     s = settings()
-    ep = create_endpoint(s, url=url, events=events, mode=mode, secret=secret, description=description)
+    ep = create_endpoint(
+        s, url=url, events=events, mode=mode, secret=secret, description=description, format=fmt
+    )
     _write_endpoint(s, ep)
     if as_json:
         print_json({**ep.public(), "secret": ep.secret})

@@ -12,6 +12,7 @@ import base64
 import email.utils
 import functools
 import hashlib
+import re
 import secrets
 import ssl
 import time
@@ -28,6 +29,8 @@ from app.endpoints import Endpoint
 from app.events import ChangeEvent
 from app.netguard import ForbiddenTarget, GuardedResolver, check_literal_host, target_allowed
 from app.signing import build_headers, dumps
+
+_HEADER_SAFE = re.compile(r"[!-~]{1,200}")
 
 
 def new_delivery_id() -> str:
@@ -113,20 +116,41 @@ class Delivery:
         d = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, memoryview, str)) else raw
         return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
 
-    def body(self, timestamp: int) -> bytes:
+    def body(self, timestamp: int, fmt: str = "perfexapi") -> bytes:
+        """The request body in the endpoint's format (SPEC §3.2), compact JSON n8n can round-trip.
+
+        ``perfexapi``: the resource under ``payload`` (what the product page's receiver snippet reads)
+        beside the delivery's id, event, times and, when present, ``previous`` and ``collapsed``.
+        ``standard``: Standard Webhooks' recommended ``{"type", "timestamp", "data"}``; the delivery id,
+        event id and ``collapsed`` travel in headers (`format_headers`), ``previous`` is not sent.
+        """
+        if fmt == "standard":
+            return dumps({"type": self.event, "timestamp": self.occurred_at, "data": self.data})
         doc: dict[str, Any] = {
             "id": self.id,
             "event": self.event,
             "event_id": self.event_id,
             "timestamp": timestamp,
             "occurred_at": self.occurred_at,
-            "data": self.data,
+            "payload": self.data,
         }
         if self.previous is not None:
             doc["previous"] = self.previous
         if self.collapsed and self.collapsed > 1:
             doc["collapsed"] = self.collapsed
         return dumps(doc)
+
+    def format_headers(self, fmt: str) -> dict[str, str]:
+        """Headers carrying what the ``standard`` body leaves out (none for ``perfexapi``)."""
+        if fmt != "standard":
+            return {}
+        extra = {}
+        # Event ids come from producers: send one only if it is a safe header value.
+        if _HEADER_SAFE.fullmatch(self.event_id):
+            extra["X-PerfexAPI-Event-Id"] = self.event_id
+        if self.collapsed and self.collapsed > 1:
+            extra["X-PerfexAPI-Collapsed"] = str(int(self.collapsed))
+        return extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +235,8 @@ class HttpSender:
         status: int | None = None
         retry_after = None
         try:
-            body = delivery.body(ts)
+            fmt = endpoint.format
+            body = delivery.body(ts, fmt)
             headers = build_headers(
                 body,
                 delivery_id=delivery.id,
@@ -221,6 +246,7 @@ class HttpSender:
                 secrets=endpoint.secrets_now(started),
                 version=__version__,
             )
+            headers.update(delivery.format_headers(fmt))
             url = _parsed_url(endpoint.url)
             allow = self.settings.allow_private_targets or target_allowed(
                 url.host, url.port, self.settings.allowed_targets

@@ -9,6 +9,8 @@ workers sign with them), sealed with `WEBHOOKS_SECRETS_KEY` when it is set (app/
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import secrets as _secrets
 import time
@@ -20,9 +22,12 @@ from app.catalog import load_catalog, matches
 from app.config import Settings
 from app.netguard import validate_url
 from app.secretbox import SecretBox, SecretsKeyError, box_for, open_value
-from app.signing import generate_secret
+from app.signing import SECRET_PREFIX, generate_secret
 
 MODES = ("immediate", "smart", "async")
+FORMATS = ("perfexapi", "standard")  # body shape (SPEC §3.2); perfexapi is the product page's
+MIN_SECRET = 16
+MAX_SECRET = 1024
 MAX_GRACE = 24 * 3600.0
 TOPIC = "webhooks.endpoints"
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class Endpoint:
     grace_secret: str | None = field(default=None, repr=False)
     grace_expires_at: float | None = None
     disabled_reason: str | None = None
+    format: str = "perfexapi"
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -66,6 +72,7 @@ class Endpoint:
             "url": self.url,
             "events": list(self.events),
             "mode": self.mode,
+            "format": self.format,
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "description": self.description,
@@ -105,9 +112,34 @@ def validate_mode(mode: str) -> str:
     return mode
 
 
+def validate_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def validate_secret(secret: str) -> str:
-    if len(secret) < 16 or any(ord(c) < 33 or ord(c) > 126 for c in secret):
-        raise ValueError("secret: needs at least 16 printable ASCII characters without spaces")
+    """A user-supplied secret: any printable string of 16 to 1024 characters (n8n users type theirs).
+
+    The hex signatures key with its UTF-8 bytes; so does Standard Webhooks, unless it starts with
+    ``whsec_``: then the rest is the base64 key, as for generated secrets, and must decode as such
+    (a receiver's Standard Webhooks library would otherwise fail on it).
+    """
+    if not MIN_SECRET <= len(secret) <= MAX_SECRET or not secret.isprintable():
+        raise ValueError(
+            f"secret: needs {MIN_SECRET} to {MAX_SECRET} printable characters (no control characters)"
+        )
+    if secret.startswith(SECRET_PREFIX):
+        rest = secret[len(SECRET_PREFIX) :]
+        try:
+            key = base64.b64decode(rest + "=" * (-len(rest) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) < MIN_SECRET:
+            raise ValueError(
+                "secret: after whsec_ must come the base64 of at least 16 bytes (Standard Webhooks); "
+                "leave the prefix out to use the string as it is"
+            )
     return secret
 
 
@@ -120,6 +152,7 @@ def create_endpoint(
     secret: str | None = None,
     description: str = "",
     enabled: bool = True,
+    format: str = "perfexapi",
 ) -> Endpoint:
     """Validate and build a new endpoint (not yet stored)."""
     return Endpoint(
@@ -130,13 +163,14 @@ def create_endpoint(
         secret=validate_secret(secret) if secret else generate_secret(),
         description=(description or "")[:500],
         enabled=enabled,
+        format=validate_format(format),
     )
 
 
 def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -> Endpoint:
-    """Apply validated changes (url, events, mode, description, enabled)."""
+    """Apply validated changes (url, events, mode, format, description, enabled)."""
     kw: dict[str, Any] = {}
-    unknown = set(changes) - {"url", "events", "mode", "description", "enabled"}
+    unknown = set(changes) - {"url", "events", "mode", "format", "description", "enabled"}
     if unknown:
         raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
     if "url" in changes:
@@ -147,6 +181,8 @@ def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -
         kw["events"] = tuple(load_catalog().validate_patterns(changes["events"]))
     if "mode" in changes:
         kw["mode"] = validate_mode(str(changes["mode"]))
+    if "format" in changes:
+        kw["format"] = validate_format(str(changes["format"]))
     if "description" in changes:
         kw["description"] = str(changes["description"] or "")[:500]
     if "enabled" in changes:

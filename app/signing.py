@@ -1,12 +1,14 @@
 """Delivery body serialisation, signatures and their verification (SPEC §2.6, §2.7, §3.2).
 
-Two signature schemes share one secret string (``whsec_`` + base64):
+Two signature schemes share one secret string: a generated ``whsec_`` + base64 one, or the user's
+own (any printable string of 16+ characters, e.g. what an n8n user typed):
 
 * ``X-PerfexAPI-Signature`` / ``X-Webhook-Signature``: lowercase hex HMAC-SHA256 of the exact body
   bytes, keyed with the whole secret string as UTF-8 (what the n8n PerfexCRM Trigger checks).
 * Standard Webhooks v1 (``webhook-id`` / ``webhook-timestamp`` / ``webhook-signature``): base64
-  HMAC-SHA256 of ``"{id}.{timestamp}.{body}"``, keyed with the base64-decoded part after ``whsec_``.
-  It signs the timestamp, so a receiver can refuse replayed captures.
+  HMAC-SHA256 of ``"{id}.{timestamp}.{body}"``, keyed with the base64-decoded part after ``whsec_``,
+  or with the UTF-8 bytes of a secret without that prefix (``standard_key``). It signs the
+  timestamp, so a receiver can refuse replayed captures.
 
 Receivers' side of this is documented in docs/receivers.md, whose snippets the tests run.
 """

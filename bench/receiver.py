@@ -42,8 +42,8 @@ def stats(path: str) -> dict[str, Any]:
         arrivals.append(at)
         latencies.append(at - _occurred_ts(doc["occurred_at"]))
         collapsed.append(int(doc.get("collapsed") or 1))
-        resources.append(str(doc["data"].get("id")))
-        versions.append(doc["data"].get("version"))
+        resources.append(str(doc["payload"].get("id")))
+        versions.append(doc["payload"].get("version"))
         delivery_ids.add(doc["id"])
     return {
         "count": len(recs),

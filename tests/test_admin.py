@@ -303,7 +303,7 @@ def test_posted_event_lands_on_crm_events_and_is_delivered(env: SimpleNamespace)
     got = env.receiver.wait_for(1, "/ingest", timeout=30)[0]
     doc = got.json
     assert doc["event_id"] == accepted["id"] and doc["event"] == "payment.received"
-    assert doc["data"] == sent["data"] and doc["previous"] == sent["previous"]
+    assert doc["payload"] == sent["data"] and doc["previous"] == sent["previous"]
     assert verify_hex(got.body, got.header("X-PerfexAPI-Signature") or "", [ep["secret"]])
 
     on_topic = read_table(env.settings, "crm.events")["payment:4242"]

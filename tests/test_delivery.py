@@ -47,7 +47,7 @@ def test_immediate_signed_delivery_to_matching_endpoints_only(settings, receiver
         assert not verify_hex(body, r.header("X-PerfexAPI-Signature") or "", [c.secret])
         doc = orjson.loads(body)
         assert doc["event"] == "invoice.paid" and doc["event_id"] == sent["id"]
-        assert doc["data"]["note"] == "Zürich/€" and doc["previous"] == {"status": "3"}
+        assert doc["payload"]["note"] == "Zürich/€" and doc["previous"] == {"status": "3"}
         assert "collapsed" not in doc
         assert r.header("X-PerfexAPI-Delivery") == doc["id"] == r.header("webhook-id")
         assert r.header("X-PerfexAPI-Event") == "invoice.paid"
@@ -75,10 +75,10 @@ def test_smart_collapses_a_burst_per_resource(settings, receiver, workers) -> No
     settle(w, accounted=lambda: len(receiver.received("/s")) >= 2)  # nothing more may follow
     got = receiver.received("/s")
     assert len(got) == 2
-    by_resource = {r.json["data"]["id"]: r for r in got}
+    by_resource = {r.json["payload"]["id"]: r for r in got}
     one, two = by_resource["1"].json, by_resource["2"].json
-    assert one["collapsed"] == 10 and one["data"]["n"] == "9"
-    assert two["collapsed"] == 5 and two["data"]["n"] == "8"
+    assert one["collapsed"] == 10 and one["payload"]["n"] == "9"
+    assert two["collapsed"] == 5 and two["payload"]["n"] == "8"
     # Delivered one window after the last event of the burst, not before.
     assert by_resource["1"].at >= last_sent - 0.1 + window - 0.05
 
@@ -99,7 +99,7 @@ def test_smart_max_wait_delivers_a_resource_that_keeps_changing(settings, receiv
     during = [r for r in got if r.at < started + 3.0]
     assert len(during) >= 2, [r.at - started for r in got]
     assert sum(r.json.get("collapsed", 1) for r in got) == n
-    assert got[-1].json["data"]["n"] == str(n - 1)
+    assert got[-1].json["payload"]["n"] == str(n - 1)
 
 
 def test_smart_pending_item_survives_a_worker_restart(settings, receiver, workers) -> None:
@@ -122,7 +122,7 @@ def test_smart_pending_item_survives_a_worker_restart(settings, receiver, worker
     settle(w2, accounted=lambda: receiver.received("/s"))
     got = receiver.received("/s")
     assert len(got) == 1
-    assert got[0].json["collapsed"] == 3 and got[0].json["data"]["n"] == "2"
+    assert got[0].json["collapsed"] == 3 and got[0].json["payload"]["n"] == "2"
 
 
 def test_async_thousand_events_all_delivered_once_signed(settings, receiver, workers) -> None:
@@ -165,7 +165,7 @@ def test_bad_input_is_parked_and_good_events_around_it_delivered(settings, recei
     receiver.wait_for(2, "/g", timeout=30)
     settle(w, accounted=lambda: len(receiver.received("/g")) >= 2)
     got = receiver.received("/g")
-    assert sorted(r.json["data"]["id"] for r in got) == ["1", "5"]
+    assert sorted(r.json["payload"]["id"] for r in got) == ["1", "5"]
     invalid = read_all(settings, "crm.events.invalid", 3)  # to the end: exactly these three
     reasons = sorted(orjson.loads(m.value())["reason"] for m in invalid)
     assert reasons == ["missing_field", "not_json", "unknown_event"]

@@ -202,5 +202,5 @@ def test_records_waiting_in_a_tier_survive_a_worker_restart(settings, receiver, 
     got = receiver.received("/w")
     assert len(got) == 6
     retried = got[3:]
-    assert sorted(r.json["data"]["id"] for r in retried) == ["0", "1", "2"]
+    assert sorted(r.json["payload"]["id"] for r in retried) == ["0", "1", "2"]
     assert all(r.header("X-PerfexAPI-Attempt") == "2" for r in retried)

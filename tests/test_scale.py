@@ -177,7 +177,7 @@ def test_second_worker_joins_first_leaves_nothing_lost(
             raise AssertionError(missing(path)) from None
     # Each burst is flushed one window after its last save; wait for all of them.
     wait_until(
-        lambda: {r.json["data"]["id"] for r in receiver.received("/smart")} >= set(load.saves),
+        lambda: {r.json["payload"]["id"] for r in receiver.received("/smart")} >= set(load.saves),
         30,
         "a smart delivery for every burst",
     )
@@ -196,13 +196,13 @@ def test_second_worker_joins_first_leaves_nothing_lost(
 
     smart: dict[str, dict[str, dict]] = {}
     for r in receiver.received("/smart"):
-        smart.setdefault(r.json["data"]["id"], {})[r.json["id"]] = r.json  # same id twice: one delivery
+        smart.setdefault(r.json["payload"]["id"], {})[r.json["id"]] = r.json  # same id twice: one delivery
     cut_short = []
     for ticket, saves in load.saves.items():
         deliveries = list(smart.get(ticket, {}).values())
         assert deliveries, f"burst {ticket}: no smart delivery"
         for d in deliveries:
-            if d["data"]["n"] != str(saves - 1):
+            if d["payload"]["n"] != str(saves - 1):
                 cut_short.append(f"{ticket}: delivery {d['id']} carries save {d['data']['n']} of {saves}")
         merged = [d.get("collapsed", 1) for d in deliveries]
         assert max(merged) >= saves, f"burst {ticket}: no delivery merges all {saves} saves: {merged}"

@@ -414,7 +414,7 @@ def test_event_data_cannot_inject_headers(stack) -> None:
     assert (got.header("X-PerfexAPI-Delivery") or "").startswith("dlv_")
     body = got.json
     assert (
-        body["event_id"] == doc["id"] and body["data"] == doc["data"] and body["previous"] == doc["previous"]
+        body["event_id"] == doc["id"] and body["payload"] == doc["data"] and body["previous"] == doc["previous"]
     )
     assert b"\\r\\n" in got.body and b"\r" not in got.body and b"\n" not in got.body
     assert r.received("/pwned") == []

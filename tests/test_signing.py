@@ -28,6 +28,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 import app
 from app import signing
+from app.delivery import Delivery
+from app.endpoints import FORMATS, validate_secret
 from app.signing import (
     VerificationError,
     build_headers,
@@ -47,6 +49,21 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "receivers.md"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
 MAX_SAFE = 2**53 - 1
+USER_SECRET = "my n8n secret: Zoë's 東京 key!"  # what an n8n user types: no prefix, not base64
+
+
+def _delivery(payload: dict[str, Any], **kw: Any) -> Delivery:
+    fields: dict[str, Any] = {
+        "id": "dlv_n8n",
+        "endpoint_id": "ep_1",
+        "event": "invoice.paid",
+        "event_id": "evt_1",
+        "occurred_at": "2026-11-27T10:00:00.123Z",
+        "occurred_ts": 1764237600.123,
+        "resource_key": "invoice:1",
+        "data": payload,
+    }
+    return Delivery(**{**fields, **kw})
 
 
 def _headers(body: bytes, secrets: list[str], *, ts: int | None = None, **kw: Any) -> dict[str, str]:
@@ -202,6 +219,55 @@ def test_we_verify_reference_library_signatures() -> None:
     assert not verify_standard(body, "msg_2", str(now), sig, [SECRET])
 
 
+
+# ----------------------------------------------------------------------------- any secret, both formats
+
+
+def test_user_secret_any_printable_string_of_16_or_more() -> None:
+    for ok in (USER_SECRET, "x" * 16, "sixteen chars!!!", "whsec_" + base64.b64encode(b"k" * 16).decode()):
+        assert validate_secret(ok) == ok
+    for bad in ("x" * 15, "tab\tinside-the-secret", "newline\n-in-the-secret", "x" * 1025, "whsec_not base64 at all!!"):
+        with pytest.raises(ValueError, match="secret"):
+            validate_secret(bad)
+    # The hex headers key with the string as UTF-8; Standard Webhooks too, without the whsec_ prefix.
+    body = _delivery({"id": "1", "note": "Zoë"}).body(1764237600)
+    h = _headers(body, [USER_SECRET])
+    assert h["X-Webhook-Signature"] == hmac.new(USER_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert standard_key(USER_SECRET) == USER_SECRET.encode("utf-8")
+    verify(body, h, [USER_SECRET], require_standard=True)
+    assert verify_hex(body, h["X-PerfexAPI-Signature"], [USER_SECRET])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", ["generated", "user"])
+def test_reference_library_verifies_both_secret_kinds_and_formats(fmt: str, kind: str) -> None:
+    secret = generate_secret() if kind == "generated" else USER_SECRET
+    # The library decodes a whsec_ secret itself; a user's secret is given as its UTF-8 key bytes.
+    lib = Webhook(secret) if kind == "generated" else Webhook(secret.encode("utf-8"))
+    d = _delivery({"id": "19", "total": "21.80"}, previous={"status": "3"}, collapsed=4)
+    body = d.body(int(time.time()), fmt)
+    h = {**_headers(body, [secret], delivery_id=d.id), **d.format_headers(fmt)}
+    assert lib.verify(body, h) == orjson.loads(body)
+    with pytest.raises(WebhookVerificationError):
+        (Webhook(generate_secret())).verify(body, h)
+
+
+def test_body_formats() -> None:
+    d = _delivery({"id": "19", "url": "https://x/y"}, previous={"status": "3"}, collapsed=4)
+    assert d.body(1764237600) == d.body(1764237600, "perfexapi") == (
+        b'{"id":"dlv_n8n","event":"invoice.paid","event_id":"evt_1","timestamp":1764237600,'
+        b'"occurred_at":"2026-11-27T10:00:00.123Z","payload":{"id":"19","url":"https://x/y"},'
+        b'"previous":{"status":"3"},"collapsed":4}'
+    )
+    assert d.format_headers("perfexapi") == {}
+    assert d.body(1764237600, "standard") == (
+        b'{"type":"invoice.paid","timestamp":"2026-11-27T10:00:00.123Z","data":{"id":"19","url":"https://x/y"}}'
+    )
+    assert d.format_headers("standard") == {"X-PerfexAPI-Event-Id": "evt_1", "X-PerfexAPI-Collapsed": "4"}
+    # An event id that is no safe header value is left out, never sent raw.
+    assert "X-PerfexAPI-Event-Id" not in _delivery({}, event_id="evt\r\nX: y").format_headers("standard")
+
+
 # ----------------------------------------------------------------------------- verify
 
 
@@ -323,7 +389,7 @@ def _perfex_body(fields: int = 60) -> dict[str, Any]:
         "event_id": "evt_01JD3Z8Y4V",
         "timestamp": 1764237600,
         "occurred_at": "2026-11-27T10:00:00.123Z",
-        "data": data,
+        "payload": data,
         "previous": {"status": "3"},
         "collapsed": 3,
     }
@@ -341,7 +407,7 @@ def test_dumps_fast_path_for_perfex_shaped_bodies(monkeypatch: pytest.MonkeyPatc
     # Anything that needs rewriting leaves the fast path.
     for tweak in ({"amount": 1.5}, {"big": 2**53}, {"7": "x"}, {"t": (1.5,)}):
         with pytest.raises(AssertionError, match="slow path"):
-            dumps({**body, "data": {**body["data"], **tweak}})
+            dumps({**body, "payload": {**body["payload"], **tweak}})
 
 
 # ----------------------------------------------------------------------------- Node.js
@@ -366,6 +432,8 @@ function check(r) {
         cases.append((body, h, [SECRET], [True, True, True]))
         cases.append((body[:-1] + b" }", h, [SECRET], [False, False, False]))  # tampered body
         cases.append((body, h, [OTHER], [False, False, False]))  # unknown secret
+    body = _delivery({"id": "7"}).body(int(time.time()))
+    cases.append((body, _headers(body, [USER_SECRET]), [USER_SECRET], [True, True, True]))  # typed secret
     body = dumps({"id": "dlv_rot"})
     rot = _headers(body, [new, old])
     cases.append((body, rot, [old], [False, False, True]))  # receiver still on the grace secret
@@ -394,6 +462,9 @@ def test_python_snippet_from_docs_verifies_deliveries() -> None:
     assert not verify_standard_doc(body, h, [generate_secret()])
     assert not verify_standard_doc(body.replace(b"1", b"2"), h, [new])
     assert not verify_standard_doc(body, _headers(body, [new], ts=int(time.time()) - 301), [new])
+    mine = _headers(body, [USER_SECRET])  # a typed secret, no whsec_ prefix
+    assert verify_hex_doc(body, mine["X-Webhook-Signature"], [USER_SECRET])
+    assert verify_standard_doc(body, mine, [USER_SECRET]) and not verify_standard_doc(body, mine, [new])
 
 
 _CHARS = (
@@ -479,16 +550,21 @@ def test_bodies_survive_n8n_round_trip(tmp_path: Path) -> None:
     payloads.append([struct.unpack("<d", rnd.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(5000)])
     payloads[-1] = [f for f in payloads[-1] if math.isfinite(f)]
     payloads.append([m * 10.0**e for e in range(-320, 300) for m in (1.0, 1.5, 9.87654321)])
-    records = []
+    bodies = [dumps(p) for p in payloads]
+    # Whole delivery bodies in both formats, around every object payload, with a user's own secret.
     for p in payloads:
-        body = dumps(p)
+        if isinstance(p, dict):
+            d = _delivery(p)
+            bodies += [d.body(1764237600, fmt) for fmt in FORMATS]
+    records = []
+    for body in bodies:
         records.append(
             {"body": base64.b64encode(body).decode(), "secret": SECRET, "sig": hex_signature(body, SECRET)}
         )
+    for body in bodies[-4:]:
+        records.append({"body": base64.b64encode(body).decode(), "secret": USER_SECRET, "sig": hex_signature(body, USER_SECRET)})
     results = _run_node(tmp_path, _N8N_CHECK + _NODE_READ_LINES, records)
-    failures = [
-        (dumps(p), base64.b64decode(r)) for p, r in zip(payloads, results, strict=True) if r is not True
-    ]
+    failures = [(r["body"], res) for r, res in zip(records, results, strict=True) if res is not True]
     assert not failures
 
 

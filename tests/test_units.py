@@ -97,7 +97,7 @@ def test_delivery_body_is_the_documented_shape() -> None:
     d.collapsed = 3
     assert d.body(1764237600) == (
         b'{"id":"dlv_x","event":"invoice.paid","event_id":"evt_x","timestamp":1764237600,'
-        b'"occurred_at":"2026-11-27T10:00:00.000Z","data":{"id":"1"},"previous":{"status":"3"},"collapsed":3}'
+        b'"occurred_at":"2026-11-27T10:00:00.000Z","payload":{"id":"1"},"previous":{"status":"3"},"collapsed":3}'
     )
     d.collapsed = 1  # a smart delivery of a single event carries no `collapsed`
     assert b"collapsed" not in d.body(0)

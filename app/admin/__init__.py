@@ -7,7 +7,8 @@ producer to the same topics the CLI writes, and are applied to this worker's vie
 response (read-your-writes); other workers see them within about a second.
 
 One module per concern: `http` (responses, input checks), `context` (shared state, Kafka writes),
-`auth` (token, middleware), `endpoints`, `attempts`, `dlq`, `ingest`, `page`.
+`auth` (token, middleware), `endpoints`, `attempts`, `dlq`, `ingest`, `page`, and `webhooks_v1` (the
+PerfexAPI-shaped `/api/v1/webhooks` the n8n PerfexCRM Trigger node calls).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from app.admin.dlq import DlqRoutes
 from app.admin.endpoints import EndpointRoutes
 from app.admin.ingest import IngestRoutes
 from app.admin.page import Page
+from app.admin.webhooks_v1 import WebhooksV1Routes
 from app.config import Settings
 
 __all__ = ["ADMIN_KEY", "API_KEY", "AdminContext", "api_routes", "install"]
@@ -33,7 +35,7 @@ API_KEY = web.AppKey("admin_api", web.Application)
 
 def api_routes(ctx: AdminContext) -> list[tuple[str, str, Any]]:
     """Every /api route (relative to /api); docs/openapi.yaml describes exactly these."""
-    groups = (EndpointRoutes, AttemptRoutes, DlqRoutes, IngestRoutes)
+    groups = (EndpointRoutes, AttemptRoutes, DlqRoutes, IngestRoutes, WebhooksV1Routes)
     return [route for group in groups for route in group(ctx).routes()]
 
 

@@ -47,10 +47,11 @@ class DlqRoutes:
     async def list_entries(self, request: web.Request) -> web.Response:
         flt = dlq_filter(request.query)
         limit = int_query(request, "limit", 100, 1, 1000)
+        offset = int_query(request, "offset", 0, 0, 10_000_000)  # pages: offset += limit
         view = await self.ctx.dlq_view()
         rows = select(view, flt)
         rows.reverse()  # newest first
-        page = [e.id for e in rows[:limit]]
+        page = [e.id for e in rows[offset : offset + limit]]
         whole = await self.ctx.dlq_entries(page)  # the index has no history: read this page's
         return json_response(
             {

@@ -45,6 +45,7 @@ class EndpointRoutes:
                 "url": (str,),
                 "events": (str, list),
                 "mode": (str,),
+                "format": (str,),
                 "secret": (str,),
                 "description": (str,),
                 "enabled": (bool,),
@@ -62,6 +63,7 @@ class EndpointRoutes:
                 secret=doc.get("secret") or None,
                 description=doc.get("description") or "",
                 enabled=doc.get("enabled", True),
+                format=doc.get("format") or "perfexapi",
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
@@ -78,10 +80,17 @@ class EndpointRoutes:
         doc = await read_json(request)
         check_fields(
             doc,
-            {"url": (str,), "events": (str, list), "mode": (str,), "description": (str,), "enabled": (bool,)},
+            {
+                "url": (str,),
+                "events": (str, list),
+                "mode": (str,),
+                "format": (str,),
+                "description": (str,),
+                "enabled": (bool,),
+            },
         )
         if not doc:
-            raise ApiError(400, "nothing to change: give url, events, mode, description or enabled")
+            raise ApiError(400, "nothing to change: give url, events, mode, format, description or enabled")
         changes = {k: v for k, v in doc.items() if v is not None}
         return await self._change(request.match_info["id"], changes)
 

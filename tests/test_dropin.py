@@ -1,0 +1,252 @@
+"""Drop-in surfaces against a real worker and broker: the n8n PerfexCRM Trigger node's unchanged flow on
+`/api/v1/webhooks` (create, exists, a delivery its own signature check accepts, delete, nothing
+delivered afterwards), the rest of that API, and both body formats on the wire."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import Settings
+from tests.helpers import eventually
+from tests.receiver import Received, Receiver
+from tests.workers import TOKEN, WorkerProcess
+
+pytestmark = pytest.mark.kafka
+
+NODE = shutil.which("node")
+TYPED_SECRET = "what an n8n user typed in Secret"  # no whsec_ prefix, not base64, has spaces
+
+# The n8n node's webhook() check, unchanged: n8n hands it the parsed body; it re-serialises it with
+# JSON.stringify and compares the hex HMAC keyed with the node's Secret field to x-webhook-signature.
+NODE_CHECK = r"""
+const crypto = require('crypto');
+const lines = require('fs').readFileSync(0, 'utf8').split('\n').filter(Boolean);
+for (const line of lines) {
+  const r = JSON.parse(line);
+  const bodyData = JSON.parse(Buffer.from(r.body, 'base64').toString('utf8'));
+  const signature = r.headers['x-webhook-signature'];
+  const expectedSignature = crypto.createHmac('sha256', r.secret).update(JSON.stringify(bodyData)).digest('hex');
+  console.log(JSON.stringify({accepted: !!signature && signature === expectedSignature,
+                              event: bodyData.event, payload: bodyData.payload, type: bodyData.type,
+                              data: bodyData.data}));
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def env(kafka: Any) -> Iterator[SimpleNamespace]:
+    from app.topics import apply
+
+    settings = Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+            "WEBHOOKS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
+            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",
+        }
+    )
+    apply(settings)
+    receiver = Receiver().start()
+    worker = WorkerProcess(settings, name="dropin", WEBHOOKS_RETRY_SCHEDULE="100ms")
+    try:
+        worker.start()
+        yield SimpleNamespace(settings=settings, receiver=receiver, worker=worker)
+    finally:
+        worker.stop()
+        receiver.stop()
+
+
+def n8n(w: WorkerProcess, method: str, path: str, **kw: Any) -> httpx.Response:
+    """A request as the node's `this.helpers.request` makes it: base URL + /api/v1, X-API-KEY."""
+    return httpx.request(method, f"{w.base}/api/v1{path}", headers={"X-API-KEY": TOKEN}, timeout=30, **kw)
+
+
+def node_check(tmp_path: Path, deliveries: list[tuple[Received, str]]) -> list[dict[str, Any]]:
+    import base64
+
+    assert NODE is not None, "node is required (Debian package nodejs, installed by scripts/bootstrap)"
+    script = tmp_path / "n8n_check.js"
+    script.write_text(NODE_CHECK, encoding="utf-8")
+    lines = [
+        json.dumps(
+            {
+                "body": base64.b64encode(r.body).decode(),
+                "headers": {k.lower(): v for k, v in r.headers.items()},
+                "secret": secret,
+            }
+        )
+        for r, secret in deliveries
+    ]
+    out = subprocess.run(
+        [NODE, str(script)], input="\n".join(lines), capture_output=True, text=True, timeout=60, check=True
+    )
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def emit(w: WorkerProcess, event: str, rid: str, data: dict[str, Any]) -> str:
+    r = httpx.post(
+        w.base + "/api/events",
+        headers={"X-API-KEY": TOKEN},
+        json={"event": event, "resource_id": rid, "data": data, "previous": {"status": "1"}},
+        timeout=30,
+    )
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def test_n8n_trigger_node_flow_unchanged(env: SimpleNamespace, tmp_path: Path) -> None:
+    w, rx = env.worker, env.receiver
+    rid = uuid.uuid4().hex[:8]
+    # create: exactly the node's body (its workflow id in the name, its Secret field as typed).
+    created = n8n(
+        w,
+        "POST",
+        "/webhooks",
+        json={
+            "name": "n8n-webhook-wf42",
+            "url": rx.url("/n8n"),
+            "events": ["invoice.paid", "invoice.updated"],
+            "secret": TYPED_SECRET,
+            "is_active": 1,
+        },
+    )
+    assert created.status_code == 201, created.text
+    data = created.json()["data"]
+    hook_id = data["id"]
+    assert hook_id and data["is_active"] == 1 and data["mode"] == "async" and data["format"] == "perfexapi"
+    assert data["secret"] == TYPED_SECRET and data["name"] == "n8n-webhook-wf42"
+    # A second workflow asks for Standard Webhooks' body; and a plain subscriber is the sentinel.
+    std = n8n(
+        w,
+        "POST",
+        "/webhooks",
+        json={
+            "name": "std",
+            "url": rx.url("/std"),
+            "events": ["invoice.paid"],
+            "format": "standard",
+            "secret": TYPED_SECRET + "!",
+            "is_active": 1,
+            "workflow": {"unknown": "ignored"},
+        },
+    )
+    assert std.status_code == 201, std.text
+    sentinel = n8n(w, "POST", "/webhooks", json={"url": rx.url("/sentinel"), "events": ["invoice.paid"]})
+    assert sentinel.status_code == 201, sentinel.text
+    sentinel_secret = sentinel.json()["data"]["secret"]
+    assert sentinel_secret.startswith("whsec_")  # none given: a generated one
+
+    # exists: a truthy response.data, and never the secret.
+    exists = n8n(w, "GET", f"/webhooks/{hook_id}")
+    assert exists.status_code == 200 and exists.json()["data"]["id"] == hook_id
+    assert TYPED_SECRET not in exists.text and "secret" not in exists.json()["data"]
+
+    # A delivery the node's own check accepts, with the resource under `payload`.
+    resource = {"id": rid, "total": "21.80", "note": "Zürich/€ </x> 東京", "url": "https://crm.example/a/b"}
+    emit(w, "invoice.paid", rid, resource)
+    got = rx.wait_for(1, "/n8n", timeout=30)[0]
+    got_std = rx.wait_for(1, "/std", timeout=30)[0]
+    rx.wait_for(1, "/sentinel", timeout=30)
+    checks = node_check(
+        tmp_path,
+        [(got, TYPED_SECRET), (got_std, TYPED_SECRET + "!"), (got, "not the secret the node holds")],
+    )
+    assert checks[0] == {"accepted": True, "event": "invoice.paid", "payload": resource}
+    assert checks[1] == {"accepted": True, "type": "invoice.paid", "data": resource}
+    assert checks[2]["accepted"] is False
+    assert got.json["previous"] == {"status": "1"} and got.json["id"] == got.header("X-PerfexAPI-Delivery")
+    assert got_std.header("X-PerfexAPI-Event-Id") and set(got_std.json) == {"type", "timestamp", "data"}
+
+    # delete, then exists answers no.
+    deleted = n8n(w, "DELETE", f"/webhooks/{hook_id}")
+    assert deleted.status_code == 200 and deleted.json()["data"] == {"id": hook_id, "deleted": True}
+    assert n8n(w, "GET", f"/webhooks/{hook_id}").status_code == 404
+
+    # Nothing is delivered afterwards: the next event reaches the sentinel, never the deleted hook.
+    emit(w, "invoice.paid", rid, {**resource, "total": "0.00"})
+    eventually(lambda: len(rx.received("/sentinel")) >= 2, 30, "the sentinel's second delivery")
+    eventually(lambda: len(rx.received("/std")) >= 2, 30, "the standard hook's second delivery")
+    assert len(rx.received("/n8n")) == 1
+    dlq = httpx.get(w.base + "/api/dlq", headers={"X-API-KEY": TOKEN}, timeout=30).json()
+    assert [e for e in dlq["entries"] if e["endpoint_id"] == hook_id] == []
+
+
+def test_webhooks_v1_api(env: SimpleNamespace) -> None:
+    w, rx = env.worker, env.receiver
+    # Unauthorised: no key, a wrong key; the bearer header keeps working.
+    base = f"{w.base}/api/v1/webhooks"
+    assert httpx.get(base, timeout=10).status_code == 401
+    assert httpx.get(base, headers={"X-API-KEY": "wrong"}, timeout=10).status_code == 401
+    assert w.api("GET", "/api/v1/webhooks").status_code == 200
+
+    # Bad input: a clear 4xx, nothing stored.
+    for body, reason in (
+        ({"events": ["invoice.paid"]}, "url"),
+        ({"url": rx.url("/v1"), "events": []}, "events"),
+        ({"url": rx.url("/v1"), "events": ["payment.recorded"]}, "payment.recorded"),
+        ({"url": rx.url("/v1"), "events": ["invoice.paid"], "secret": "short"}, "secret"),
+        ({"url": rx.url("/v1"), "events": ["invoice.paid"], "is_active": 7}, "is_active"),
+        ({"url": rx.url("/v1"), "events": ["invoice.paid"], "mode": "later"}, "mode"),
+        ({"url": rx.url("/v1"), "events": ["invoice.paid"], "format": "xml"}, "format"),
+    ):
+        r = n8n(w, "POST", "/webhooks", json=body)
+        assert r.status_code == 400 and reason in r.json()["error"], (body, r.text)
+
+    made = [
+        n8n(
+            w,
+            "POST",
+            "/webhooks",
+            json={
+                "url": rx.url(f"/v1/{i}"),
+                "events": "lead.*",
+                "is_active": i % 2,
+                "mode": "smart",
+                "colour": "ignored",
+            },
+        )
+        for i in range(3)
+    ]
+    assert [r.status_code for r in made] == [201, 201, 201], [r.text for r in made]
+    ids = [r.json()["data"]["id"] for r in made]
+    assert [r.json()["data"]["is_active"] for r in made] == [0, 1, 0]
+    # The same endpoints the admin API manages: is_active 0 is enabled false.
+    assert w.api("GET", f"/api/endpoints/{ids[0]}").json()["enabled"] is False
+
+    listed = n8n(w, "GET", "/webhooks", params={"limit": 2, "page": 1}).json()
+    assert listed["meta"]["total"] >= 3 and len(listed["data"]) == 2 and "secret" not in str(listed)
+    everything = [
+        row["id"]
+        for p in (1, 2, 3)
+        for row in n8n(w, "GET", "/webhooks", params={"limit": 2, "page": p}).json()["data"]
+    ]
+    assert set(ids) <= set(everything) and len(everything) == len(set(everything))
+
+    changed = n8n(
+        w, "PUT", f"/webhooks/{ids[0]}", json={"is_active": 1, "events": ["lead.created"], "name": "renamed"}
+    )
+    assert changed.status_code == 200, changed.text
+    assert {k: changed.json()["data"][k] for k in ("is_active", "events", "name")} == {
+        "is_active": 1,
+        "events": ["lead.created"],
+        "name": "renamed",
+    }
+    row = n8n(w, "GET", f"/webhooks/{ids[0]}").json()["data"]
+    assert (row["is_active"], row["events"], row["name"], row["mode"]) == (
+        1,
+        ["lead.created"],
+        "renamed",
+        "smart",
+    )
+    assert n8n(w, "PUT", f"/webhooks/{ids[0]}", json={"unrelated": 1}).status_code == 400
+    assert n8n(w, "PUT", "/webhooks/ep_missing", json={"is_active": 0}).status_code == 404
+    assert n8n(w, "DELETE", "/webhooks/ep_missing").status_code == 404
