@@ -6,9 +6,11 @@ Errors are one line on stderr and a non-zero exit; `--json` output is machine-re
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import click
@@ -27,6 +29,7 @@ class UserError(click.ClickException):
 def _errors_to_one_line(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from app.client import ClientError
         from app.events import InvalidEvent
         from app.producer import ProduceError
         from app.topics import TopicsError
@@ -35,6 +38,8 @@ def _errors_to_one_line(fn: F) -> F:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
+        except ClientError as exc:
+            raise UserError(exc.message) from exc
         except (ConfigError, InvalidEvent, ProduceError, TopicsError, ValueError, KeyError) as exc:
             raise UserError(str(exc).strip("'\"")) from exc
 
@@ -55,9 +60,38 @@ def print_json(obj: Any) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="perfex-webhooks")
 @click.option("--env-file", default=".env", show_default=True, help="KEY=VALUE file read if present")
-def main(env_file: str) -> None:
+@click.option(
+    "--api",
+    "api_url",
+    metavar="URL",
+    help="run the endpoints and dlq commands through a worker's admin API (e.g. http://host:6066) "
+    "instead of Kafka, with WEBHOOKS_ADMIN_TOKEN; default: WEBHOOKS_API_URL",
+)
+@click.pass_context
+def main(ctx: click.Context, env_file: str, api_url: str | None) -> None:
     """Signed, reliable webhooks for Perfex CRM change events, on Kafka."""
-    load_env_file(env_file)
+    load_env_file(env_file)  # first: it may set WEBHOOKS_API_URL and the token
+    ctx.obj = {"api": api_url or os.environ.get("WEBHOOKS_API_URL") or None}
+
+
+def api_client() -> Any:
+    """The admin API client when `--api`/`WEBHOOKS_API_URL` is given (None: talk to Kafka)."""
+    root = click.get_current_context().find_root()
+    url = (root.obj or {}).get("api")
+    if not url:
+        return None
+    from app.client import Client
+
+    return Client(url, os.environ.get("WEBHOOKS_ADMIN_TOKEN") or None)
+
+
+def _api_endpoint(ep: Any) -> dict[str, Any]:
+    """An endpoint from the API client as a dict like Endpoint.public() (plus what the API adds)."""
+    import dataclasses
+
+    d = dataclasses.asdict(ep)
+    d.pop("secret", None)
+    return d
 
 
 # ---- topics -------------------------------------------------------------------------------------
@@ -243,11 +277,19 @@ def endpoints_add(
     """Register an endpoint; prints its id and (this once) its secret."""
     from app.endpoints import create_endpoint
 
-    s = settings()
-    ep = create_endpoint(
-        s, url=url, events=events, mode=mode, secret=secret, description=description, format=fmt
-    )
-    _write_endpoint(s, ep)
+    api = api_client()
+    if api is not None:
+        with api:
+            made = api.create_endpoint(
+                url, events, mode=mode, format=fmt, secret=secret, description=description
+            )
+        ep = SimpleNamespace(id=made.id, secret=made.secret, public=lambda: _api_endpoint(made))
+    else:
+        s = settings()
+        ep = create_endpoint(
+            s, url=url, events=events, mode=mode, secret=secret, description=description, format=fmt
+        )
+        _write_endpoint(s, ep)
     if as_json:
         print_json({**ep.public(), "secret": ep.secret})
     else:
@@ -263,9 +305,16 @@ def endpoints_list(as_json: bool) -> None:
     """List endpoints (never their secrets)."""
     from app.endpoints import read_endpoints
 
-    eps = sorted(read_endpoints(settings()).values(), key=lambda e: e.created_at)
+    api = api_client()
+    if api is not None:
+        with api:
+            eps: list[Any] = api.list_endpoints()
+        rows = [_api_endpoint(e) for e in eps]
+    else:
+        eps = sorted(read_endpoints(settings()).values(), key=lambda e: e.created_at)
+        rows = [e.public() for e in eps]
     if as_json:
-        print_json([e.public() for e in eps])
+        print_json(rows)
         return
     if not eps:
         click.echo("no endpoints; add one with `perfex-webhooks endpoints add`")
@@ -287,25 +336,37 @@ def _load(ep_id: str) -> tuple[Settings, Any]:
 @_errors_to_one_line
 def endpoints_show(endpoint_id: str, as_json: bool) -> None:
     """Show one endpoint."""
-    _, ep = _load(endpoint_id)
-    if as_json:
-        print_json(ep.public())
+    api = api_client()
+    if api is not None:
+        with api:
+            row = _api_endpoint(api.get_endpoint(endpoint_id))
     else:
-        _print_endpoint(ep.public())
+        row = _load(endpoint_id)[1].public()
+    if as_json:
+        print_json(row)
+    else:
+        _print_endpoint(row)
 
 
 def _set_enabled(endpoint_id: str, enabled: bool, as_json: bool) -> None:
     from app.endpoints import update_endpoint
 
-    s, ep = _load(endpoint_id)
-    new = update_endpoint(s, ep, {"enabled": enabled})
-    if not enabled:
-        new = new.changed(disabled_reason="disabled by operator")
-    _write_endpoint(s, new)
-    if as_json:
-        print_json(new.public())
+    api = api_client()
+    if api is not None:
+        with api:
+            done = api.enable_endpoint(endpoint_id) if enabled else api.disable_endpoint(endpoint_id)
+        row = _api_endpoint(done)
     else:
-        click.echo(f"endpoint {new.id} {'enabled' if enabled else 'disabled'}")
+        s, ep = _load(endpoint_id)
+        new = update_endpoint(s, ep, {"enabled": enabled})
+        if not enabled:
+            new = new.changed(disabled_reason="disabled by operator")
+        _write_endpoint(s, new)
+        row = new.public()
+    if as_json:
+        print_json(row)
+    else:
+        click.echo(f"endpoint {row['id']} {'enabled' if enabled else 'disabled'}")
 
 
 @endpoints.command("enable")
@@ -332,12 +393,17 @@ def endpoints_disable(endpoint_id: str, as_json: bool) -> None:
 @_errors_to_one_line
 def endpoints_delete(endpoint_id: str, as_json: bool) -> None:
     """Delete an endpoint (a tombstone on the compacted registry topic)."""
-    s, ep = _load(endpoint_id)
-    _write_endpoint(s, ep, delete=True)
-    if as_json:
-        print_json({"id": ep.id, "deleted": True})
+    api = api_client()
+    if api is not None:
+        with api:
+            api.delete_endpoint(endpoint_id)
     else:
-        click.echo(f"endpoint {ep.id} deleted")
+        s, ep = _load(endpoint_id)
+        _write_endpoint(s, ep, delete=True)
+    if as_json:
+        print_json({"id": endpoint_id, "deleted": True})
+    else:
+        click.echo(f"endpoint {endpoint_id} deleted")
 
 
 @endpoints.command("rotate-secret")
@@ -352,9 +418,21 @@ def endpoints_rotate(endpoint_id: str, grace: str, as_json: bool) -> None:
     from app.config import parse_duration
     from app.endpoints import rotate_secret
 
-    s, ep = _load(endpoint_id)
-    new = rotate_secret(ep, parse_duration(grace, "--grace"))
-    _write_endpoint(s, new)
+    seconds = parse_duration(grace, "--grace")
+    api = api_client()
+    if api is not None:
+        with api:
+            made = api.rotate_secret(endpoint_id, seconds)
+        new = SimpleNamespace(
+            id=made.id,
+            secret=made.secret,
+            grace_expires_at=made.grace_expires_at,
+            public=lambda: _api_endpoint(made),
+        )
+    else:
+        s, ep = _load(endpoint_id)
+        new = rotate_secret(ep, seconds)
+        _write_endpoint(s, new)
     if as_json:
         print_json({**new.public(), "secret": new.secret})
     else:
@@ -424,24 +502,33 @@ def dlq_list(
     from app.dlq import read_view, select, summary
     from app.events import now_rfc3339
 
-    try:
-        entries = select(read_view(settings()), _dlq_filter(endpoint, event, since, until))
-    except RuntimeError as exc:
-        raise UserError(str(exc)) from exc
+    api = api_client()
+    if api is not None:
+        import dataclasses
+
+        flt = _dlq_filter(endpoint, event, since, until)  # checks the times the same way
+        with api:
+            got = api.dlq(endpoint=endpoint, event=event, since=flt.since, until=flt.until)
+        rows = [dataclasses.asdict(e) for e in reversed(got)]  # oldest first, as from Kafka
+    else:
+        try:
+            entries = select(read_view(settings()), _dlq_filter(endpoint, event, since, until))
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from exc
+        rows = [summary(e) for e in entries]
     if as_json:
-        print_json([summary(e) for e in entries])
+        print_json(rows)
         return
-    if not entries:
+    if not rows:
         click.echo("DLQ is empty" + (" for this filter" if endpoint or event or since or until else ""))
         return
-    for e in entries:
-        s = summary(e)
+    for s in rows:
         click.echo(
             f"{s['delivery_id']}  {s['endpoint_id']}  {s['event']:<28} {s['reason']:<18} "
             f"attempts={s['attempts']} last={s['last_status'] or s['last_error']}  "
             f"dead_at={now_rfc3339(float(s['dead_at'] or 0))}"
         )
-    click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    click.echo(f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}")
 
 
 @dlq.command("replay")
@@ -471,6 +558,10 @@ def dlq_replay(
 
     if bool(delivery_id) == bool(replay_all):
         raise UserError("give exactly one of --delivery-id ID or --all")
+    api = api_client()
+    if api is not None:
+        _replay_through_api(api, delivery_id, _dlq_filter(endpoint, event, since, until), dry_run, as_json)
+        return
     s = settings()
     try:
         view = read_view(s)
@@ -500,6 +591,43 @@ def dlq_replay(
         print_json({"replayed": n, "delivery_ids": [e["id"] for e in entries]})
     else:
         click.echo(f"replayed {n} deliver{'y' if n == 1 else 'ies'}")
+
+
+
+def _replay_through_api(api: Any, delivery_id: str | None, flt: Any, dry_run: bool, as_json: bool) -> None:
+    from app.client import NotFound
+
+    with api:
+        if delivery_id and dry_run:
+            try:
+                api.dlq_entry(delivery_id)
+            except NotFound as exc:
+                raise UserError(f"no DLQ entry {delivery_id} (already replayed, or never dead)") from exc
+            ids = [delivery_id]
+        elif delivery_id:
+            try:
+                res = api.replay(delivery_id)
+            except NotFound as exc:
+                raise UserError(f"no DLQ entry {delivery_id} (already replayed, or never dead)") from exc
+        else:
+            res = api.replay_all(
+                endpoint=flt.endpoint, event=flt.event, since=flt.since, until=flt.until, dry_run=dry_run
+            )
+            ids = res.delivery_ids
+    if dry_run:
+        if as_json:
+            print_json({"dry_run": True, "would_replay": ids})
+        else:
+            for d_id in ids:
+                click.echo(f"would replay {d_id}")
+            click.echo(f"{len(ids)} would be replayed (dry run: nothing changed)")
+        return
+    if as_json:
+        print_json({"replayed": res.replayed, "delivery_ids": res.delivery_ids})
+    else:
+        for warning in res.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"replayed {res.replayed} deliver{'y' if res.replayed == 1 else 'ies'}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ delivered afterwards), the rest of that API, and both body formats on the wire."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -17,8 +18,8 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.helpers import eventually
-from tests.receiver import Received, Receiver
+from tests.helpers import cli, eventually
+from tests.receiver import Received, Receiver, Reply
 from tests.workers import TOKEN, WorkerProcess
 
 pytestmark = pytest.mark.kafka
@@ -250,3 +251,135 @@ def test_webhooks_v1_api(env: SimpleNamespace) -> None:
     assert n8n(w, "PUT", f"/webhooks/{ids[0]}", json={"unrelated": 1}).status_code == 400
     assert n8n(w, "PUT", "/webhooks/ep_missing", json={"is_active": 0}).status_code == 404
     assert n8n(w, "DELETE", "/webhooks/ep_missing").status_code == 404
+
+
+# ---- the Python client and the CLI through it ------------------------------------------------------------
+def test_client_against_a_real_worker(env: SimpleNamespace) -> None:
+    from app.client import AsyncClient, AuthError, BadRequest, Client, NotFound, TransportError
+
+    w, rx = env.worker, env.receiver
+    rx.on("/client-down", lambda _n: Reply(500, body=b"down"))
+    with Client(w.base, TOKEN) as api:
+        ep = api.create_endpoint(rx.url("/client-down"), ["estimate.*"], mode="immediate", format="standard")
+        assert ep.secret and ep.secret.startswith("whsec_") and ep.format == "standard" and ep.enabled
+        assert ep.secret not in repr(ep)  # a model printed in a log never shows it
+        assert ep.id in [e.id for e in api.list_endpoints()]
+        assert api.get_endpoint(ep.id).secret is None  # only create and rotate answer with it
+        assert api.update_endpoint(ep.id, description="by the client").description == "by the client"
+        assert api.disable_endpoint(ep.id).enabled is False and api.enable_endpoint(ep.id).enabled is True
+        rotated = api.rotate_secret(ep.id, grace="1h")
+        assert rotated.secret not in (None, ep.secret) and rotated.grace_secret_active
+
+        sent = {api.send_event("estimate.sent", f"c{i}", {"id": f"c{i}"}) for i in range(3)}
+        assert len(sent) == 3
+        # Pages of 2: three entries over two pages, none twice.
+        dead = eventually(lambda: len(got := api.dlq(endpoint=ep.id, page_size=2)) == 3 and got, 60, "3 dead")
+        assert len({e.delivery_id for e in dead}) == 3 and all(e.reason == "retries_exhausted" for e in dead)
+        one = api.dlq_entry(dead[0].delivery_id)
+        assert one.data is not None and one.history and one.history[0].status == 500
+        assert not one.history[0].ok and one.history[0].outcome == "http_error"
+        assert [a.n for a in api.delivery_attempts(one.delivery_id)][:2] == [1, 2]
+        assert {a.endpoint_id for a in api.attempts(endpoint=ep.id)} == {ep.id}
+
+        dry = api.replay_all(endpoint=ep.id, dry_run=True)
+        assert dry.dry_run and sorted(dry.delivery_ids) == sorted(e.delivery_id for e in dead)
+        assert api.replay(one.delivery_id).replayed == 1
+
+        with pytest.raises(NotFound):
+            api.get_endpoint("ep_missing")
+        with pytest.raises(BadRequest, match=r"no\.such"):
+            api.create_endpoint(rx.url("/x"), ["no.such"])
+
+    async def async_side() -> None:
+        async with AsyncClient(w.base, TOKEN) as aapi:
+            assert (await aapi.get_endpoint(ep.id)).description == "by the client"
+            rows = [e async for e in aapi.iter_dlq(endpoint=ep.id, page_size=1)]
+            assert {e.delivery_id for e in rows} <= {e.delivery_id for e in dead} and rows
+            await aapi.delete_endpoint(ep.id)
+            with pytest.raises(NotFound):
+                await aapi.get_endpoint(ep.id)
+
+    asyncio.run(async_side())
+    with Client(w.base, "wrong-token") as bad, pytest.raises(AuthError):
+        bad.list_endpoints()
+    with Client("http://127.0.0.1:9", TOKEN, timeout=2) as nowhere, pytest.raises(TransportError):
+        nowhere.list_endpoints()
+
+
+def test_client_retries_429_and_503_no_sooner_than_retry_after(env: SimpleNamespace) -> None:
+    from app.client import Client, Unavailable
+
+    rx = env.receiver
+    rx.on(
+        "/busy/api/endpoints",
+        lambda n: (
+            Reply(503, {"Retry-After": "1"})
+            if n == 1
+            else Reply(200, {"Content-Type": "application/json"}, body=b'{"endpoints": []}')
+        ),
+    )
+    rx.on("/full/api/endpoints", lambda _n: Reply(429, {"Retry-After": "0"}, body=b'{"error": "slow down"}'))
+    with Client(rx.url("/busy"), TOKEN) as api:
+        assert api.list_endpoints() == []
+    first, second = rx.received("/busy/api/endpoints")
+    assert second.at - first.at >= 1.0  # it waited as long as Retry-After asked
+    with Client(rx.url("/full"), TOKEN, retries=2) as api, pytest.raises(Unavailable, match="slow down"):
+        api.list_endpoints()
+    assert len(rx.received("/full/api/endpoints")) == 3  # the first try and two retries
+
+
+def test_cli_endpoints_and_dlq_through_the_api(env: SimpleNamespace) -> None:
+    w, rx = env.worker, env.receiver
+    rx.on("/cli-down", lambda _n: Reply(500))
+    # Kafka is out of reach for this CLI: everything must go through the worker's API.
+    api = {"WEBHOOKS_ADMIN_TOKEN": TOKEN, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
+
+    def run(*args: str, **extra: str) -> Any:
+        res = cli(env.settings, *args, **{**api, **extra})
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output) if "--json" in args else res.output
+
+    made = run(
+        "--api",
+        w.base,
+        "endpoints",
+        "add",
+        "--url",
+        rx.url("/cli-down"),
+        "--events",
+        "item.*",
+        "--mode",
+        "immediate",
+        "--secret",
+        TYPED_SECRET,
+        "--json",
+    )
+    assert made["secret"] == TYPED_SECRET and made["format"] == "perfexapi"
+    ep_id = made["id"]
+    assert ep_id in [e["id"] for e in run("endpoints", "list", "--json", WEBHOOKS_API_URL=w.base)]
+    assert "item.*" in run("--api", w.base, "endpoints", "show", ep_id)
+    assert run("--api", w.base, "endpoints", "disable", ep_id, "--json")["enabled"] is False
+    assert run("--api", w.base, "endpoints", "enable", ep_id, "--json")["enabled"] is True
+    rotated = run("--api", w.base, "endpoints", "rotate-secret", ep_id, "--grace", "10m", "--json")
+    assert rotated["secret"] != TYPED_SECRET and rotated["grace_secret_active"] is True
+
+    httpx.post(
+        w.base + "/api/events",
+        headers={"X-API-KEY": TOKEN},
+        timeout=30,
+        json={"event": "item.created", "resource_id": "cli1", "data": {"id": "cli1"}},
+    )
+    dead = eventually(lambda: run("--api", w.base, "dlq", "list", "--endpoint", ep_id, "--json"), 60, "dead")
+    d_id = dead[0]["delivery_id"]
+    assert f"would replay {d_id}" in run(
+        "--api", w.base, "dlq", "replay", "--all", "--endpoint", ep_id, "--dry-run"
+    )
+    assert run("--api", w.base, "dlq", "replay", "--delivery-id", d_id, "--json")["replayed"] == 1
+    # One clear line and a non-zero exit for what the API refuses.
+    missing = cli(env.settings, "--api", w.base, "endpoints", "show", "ep_missing", **api)
+    assert missing.exit_code == 1 and "no endpoint ep_missing" in missing.output
+    refused = cli(
+        env.settings, "--api", w.base, "endpoints", "list", **{**api, "WEBHOOKS_ADMIN_TOKEN": "nope"}
+    )
+    assert refused.exit_code == 1 and "401" not in refused.output and "token" in refused.output
+    assert run("--api", w.base, "endpoints", "delete", ep_id, "--json") == {"id": ep_id, "deleted": True}
