@@ -10,6 +10,7 @@ failure streak is counted in the order the attempts happened.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -31,6 +32,7 @@ class AttemptLog(TopicFollower):
         deliveries: int = 10_000,
         per_delivery: int = 50,
         recent: int = 1000,
+        requests: int = 1000,
     ) -> None:
         super().__init__(settings, TOPIC)
         self.per_partition = per_partition
@@ -41,6 +43,10 @@ class AttemptLog(TopicFollower):
         self._by_endpoint: dict[str, deque[dict[str, Any]]] = {}
         self._by_delivery: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self._streak: dict[str, int] = {}
+        # The requests as sent (up to 2 kB of body each) are kept for the newest `requests` attempts
+        # only, apart from the records, so the bounded lists above stay small.
+        self.max_requests = requests
+        self._requests: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
 
     # ---- in-memory view ---------------------------------------------------------------------------
     def add(self, rec: dict[str, Any]) -> None:
@@ -48,6 +54,11 @@ class AttemptLog(TopicFollower):
         dlv = str(rec.get("delivery_id") or "")
         if not ep or not dlv:
             return
+        request = rec.pop("request", None)
+        if isinstance(request, dict):
+            self._requests[(dlv, int(rec.get("n") or 0))] = request
+            while len(self._requests) > self.max_requests:
+                self._requests.popitem(last=False)
         self._recent.append(rec)
         per_ep = self._by_endpoint.get(ep)
         if per_ep is None:
@@ -70,8 +81,32 @@ class AttemptLog(TopicFollower):
         return rows[:limit]
 
     def for_delivery(self, delivery_id: str) -> list[dict[str, Any]]:
-        """In the order they happened."""
-        return sorted(self._by_delivery.get(delivery_id, ()), key=lambda r: float(r.get("at") or 0))
+        """In the order they happened, each with the request as sent while this log still holds it."""
+        rows = sorted(self._by_delivery.get(delivery_id, ()), key=lambda r: float(r.get("at") or 0))
+        out = []
+        for r in rows:
+            request = self._requests.get((delivery_id, int(r.get("n") or 0)))
+            out.append({**r, "request": request} if request is not None else r)
+        return out
+
+    def stats(self, endpoint_id: str, now: float, window: float = 3600.0) -> dict[str, Any]:
+        """Success rate and p95 latency of the endpoint's attempts in the last `window` seconds, over
+        the attempts this log holds for it (the newest `per_endpoint`); `complete` is False when
+        older attempts of the window may have been dropped from that list."""
+        rows = self._by_endpoint.get(endpoint_id, ())
+        recent = [r for r in rows if float(r.get("at") or 0) >= now - window]
+        complete = len(rows) < self.per_endpoint or len(recent) < len(rows)
+        if not recent:
+            return {"attempts": 0, "success_rate": None, "p95_latency_ms": None, "complete": complete}
+        ok = sum(1 for r in recent if r.get("outcome") == "success")
+        latencies = sorted(float(r.get("latency_ms") or 0) for r in recent)
+        p95 = latencies[max(0, math.ceil(0.95 * len(latencies)) - 1)]  # nearest rank
+        return {
+            "attempts": len(recent),
+            "success_rate": round(ok / len(recent), 4),
+            "p95_latency_ms": round(p95, 2),
+            "complete": complete,
+        }
 
     def streak(self, endpoint_id: str) -> int:
         """Failed attempts in a row since the endpoint's last success (within what this log holds)."""

@@ -162,6 +162,9 @@ class Attempt:
     latency_ms: float
     error: str | None = None
     retry_after: float | None = None  # seconds, from a 429/503 Retry-After
+    # The request as sent (headers, body up to REQUEST_BODY_CAP bytes), for the attempt log's
+    # delivery detail only: it is not in record(), so it never grows a delivery's own history.
+    request: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -176,6 +179,18 @@ class Attempt:
             "latency_ms": round(self.latency_ms, 2),
             "error": self.error,
         }
+
+
+REQUEST_BODY_CAP = 2048  # bytes of a request body kept in the attempt log
+
+
+def request_record(headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    return {
+        "headers": headers,
+        "body": body[:REQUEST_BODY_CAP].decode("utf-8", "ignore"),
+        "body_bytes": len(body),
+        "truncated": len(body) > REQUEST_BODY_CAP,
+    }
 
 
 @functools.lru_cache(maxsize=4096)
@@ -234,6 +249,7 @@ class HttpSender:
         ts = int(started)
         status: int | None = None
         retry_after = None
+        request: dict[str, Any] | None = None
         try:
             fmt = endpoint.format
             body = delivery.body(ts, fmt)
@@ -247,6 +263,7 @@ class HttpSender:
                 version=__version__,
             )
             headers.update(delivery.format_headers(fmt))
+            request = request_record(headers, body)
             url = _parsed_url(endpoint.url)
             allow = self.settings.allow_private_targets or target_allowed(
                 url.host, url.port, self.settings.allowed_targets
@@ -295,4 +312,5 @@ class HttpSender:
             latency_ms=(time.perf_counter() - t0) * 1000,
             error=error,
             retry_after=retry_after,
+            request=request,
         )

@@ -108,7 +108,7 @@ class Dispatcher:
         d.attempts.append(record)
         metrics.child(metrics.DELIVERIES, endpoint_id, d.mode, a.outcome).inc()
         metrics.child(metrics.ATTEMPT_LATENCY, d.mode).observe(a.latency_ms / 1000)
-        self._log_attempt(d, record)
+        self._log_attempt(d, record, a.request)
         if a.ok:
             metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
             return
@@ -165,7 +165,19 @@ class Dispatcher:
         metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
         await self.outbox.publish(DLQ, rec["id"], orjson.dumps(rec))
 
-    def _log_attempt(self, d: Delivery, attempt: dict[str, Any]) -> None:
+    async def attempt_once(self, d: Delivery) -> Attempt:
+        """One attempt of a test delivery (the admin page's "send a test event"): logged like any
+        attempt, never retried, parked or counted in the delivery metrics."""
+        ep = self.registry.get(d.endpoint_id)
+        if ep is None:
+            raise KeyError(f"no endpoint {d.endpoint_id}")
+        a = await self.sender.attempt(d, ep)
+        self._log_attempt(d, a.record(), a.request)
+        return a
+
+    def _log_attempt(
+        self, d: Delivery, attempt: dict[str, Any], request: dict[str, Any] | None = None
+    ) -> None:
         rec: dict[str, Any] = {
             "delivery_id": d.id,
             "endpoint_id": d.endpoint_id,
@@ -173,6 +185,8 @@ class Dispatcher:
             "mode": d.mode,
             **attempt,
         }
+        if request is not None:
+            rec["request"] = request
         # The attempt log is observability: queue it, do not hold the delivery for its ack.
         self.outbox.send_untracked(ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
 

@@ -1,6 +1,8 @@
 """The admin page in headless Chromium (Debian chromium on PATH, Python Playwright) against a real
 worker and broker: sign in, see dead deliveries of a failing endpoint, replay one and then all, and
-see them delivered. Screenshots (desktop and phone width) go to test-output/browser/."""
+see them delivered; onboard an endpoint (create from the catalog, secret once, test event, stats,
+delivery detail, rotate, disable, delete). Screenshots (desktop and phone width) go to
+test-output/browser/."""
 
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class PageWatch:
             self.problems.append(f"console: {msg.text}")
 
     def _dialog(self, dialog: Any) -> None:
-        if dialog.type == "confirm" and dialog.message.startswith("Replay every DLQ entry"):
+        if dialog.type == "confirm" and dialog.message.startswith(("Replay every DLQ entry", "Delete endpoint")):
             dialog.accept()
         else:
             self.problems.append(f"unexpected {dialog.type}: {dialog.message}")
@@ -214,3 +216,101 @@ def test_page_is_served_without_the_token_but_data_is_not(env: SimpleNamespace, 
     assert p.evaluate("sessionStorage.length") == 0
     p.close()
     assert watch.problems == []
+
+
+def test_onboard_an_endpoint_from_the_page(env: SimpleNamespace, browser: Any) -> None:
+    from app.signing import verify
+
+    w, rx = env.worker, env.receiver
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, permissions=["clipboard-read", "clipboard-write"]
+    )
+    page = context.new_page()
+    watch = PageWatch(page)
+    sign_in(page, w.base)
+
+    # Create: URL, events from the catalog (search, a resource wildcard, one name), mode, format.
+    page.fill("#new-url", rx.url("/onboard"))
+    page.fill("#event-search", "invoice")
+    page.check('#event-list input[data-pattern="invoice.*"]')
+    assert page.locator('#event-list input[data-pattern="invoice.paid"]').is_disabled()  # covered by invoice.*
+    page.fill("#event-search", "lead.created")
+    assert page.locator('#event-list input[data-pattern="invoice.*"]').count() == 0  # filtered out
+    page.check('#event-list input[data-pattern="lead.created"]')
+    page.fill("#new-patterns", "*.deleted")
+    assert page.inner_text("#events-chosen") == "· invoice.*, lead.created, *.deleted"
+    page.select_option("#new-mode", "immediate")
+    page.select_option("#new-format", "standard")
+    page.fill("#new-description", "onboarded from the page")
+    page.click("#create-submit")
+    page.wait_for_selector("#create-result:has-text('You are live')")
+    ep_id = page.inner_text("#secret-endpoint")
+    secret = page.inner_text("#secret-value")
+    assert secret.startswith("whsec_")
+    made = w.api("GET", f"/api/endpoints/{ep_id}").json()
+    assert (made["events"], made["mode"], made["format"], made["description"]) == (
+        ["invoice.*", "lead.created", "*.deleted"],
+        "immediate",
+        "standard",
+        "onboarded from the page",
+    )
+    assert secret not in str(made)
+
+    # The secret once, with a copy button; gone from the page once dismissed.
+    page.click("#copy-secret")
+    page.wait_for_selector("#copy-result:has-text('Copied')")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    page.screenshot(path=str(SHOTS / "onboard-created.png"), full_page=True)
+    page.click("#secret-done")
+    assert page.locator("#secret-box").is_hidden() and secret not in page.content()
+
+    # Send a test event: the receiver gets a signed standard-format delivery; the page shows the attempt.
+    page.click(f'button[data-test="{ep_id}"]')
+    page.wait_for_selector("#endpoint-result:has-text('success 200')")
+    got = rx.wait_for(1, "/onboard", timeout=30)[0]
+    verify(got.body, got.headers, [secret], require_standard=True)
+    assert set(got.json) == {"type", "timestamp", "data"} and got.json["data"]["test"] == "true"
+    assert got.json["type"].startswith("invoice.")  # the first catalog event of the first pattern
+    assert page.inner_text("#test-detail pre.request-body") == got.body.decode()
+    assert got.header("X-PerfexAPI-Signature") in page.inner_text("#test-detail pre.request-headers")
+
+    # Per endpoint: success rate and p95 over the last hour, from the attempt log.
+    row = f'#endpoints tr[data-endpoint="{ep_id}"]'
+    page.wait_for_selector(f'{row} td[data-label="Last hour"]:has-text("100% ok")')
+    assert "p95" in page.inner_text(f'{row} td[data-label="Last hour"]')
+    page.screenshot(path=str(SHOTS / "onboard-tested.png"), full_page=True)
+
+    # A delivery's detail: request headers and body as sent, response status and latency.
+    delivery_id = got.header("X-PerfexAPI-Delivery")
+    page.click(f'#attempts button[data-delivery-detail="{delivery_id}"]')
+    page.wait_for_selector("#delivery-section h3:has-text('success 200')")
+    assert page.inner_text("#delivery-id") == delivery_id
+    assert page.inner_text("#delivery-detail pre.request-body") == got.body.decode()
+    assert " ms" in page.inner_text("#delivery-detail h3")
+    page.screenshot(path=str(SHOTS / "onboard-delivery.png"), full_page=True)
+
+    # Rotate with a grace window: the next delivery is signed with the new and the old secret.
+    page.click(f'button[data-rotate="{ep_id}"]')
+    page.select_option("#rotate-grace", "1h")
+    page.click("#rotate-go")
+    page.wait_for_selector("#endpoint-result:has-text('rotated')")
+    new_secret = page.inner_text("#secret-value")
+    assert new_secret.startswith("whsec_") and new_secret != secret
+    page.click("#secret-done")
+    page.click(f'button[data-test="{ep_id}"]')
+    second = rx.wait_for(2, "/onboard", timeout=30)[1]
+    for accepted in ([secret], [new_secret]):
+        verify(second.body, second.headers, accepted, require_standard=True)
+    assert len(second.header("webhook-signature").split()) == 2
+
+    # Disable, enable, delete (confirmed).
+    page.click(f'{row} button:has-text("Disable")')
+    page.wait_for_selector(f'{row} td[data-label="Status"]:has-text("disabled")')
+    page.click(f'{row} button:has-text("Enable")')
+    page.wait_for_selector(f'{row} td[data-label="Status"]:has-text("enabled")')
+    page.click(f'button[data-delete="{ep_id}"]')
+    page.wait_for_selector(row, state="detached")
+    assert w.api("GET", f"/api/endpoints/{ep_id}").status_code == 404
+    assert watch.problems == []
+    context.close()

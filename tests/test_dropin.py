@@ -383,3 +383,55 @@ def test_cli_endpoints_and_dlq_through_the_api(env: SimpleNamespace) -> None:
     )
     assert refused.exit_code == 1 and "401" not in refused.output and "token" in refused.output
     assert run("--api", w.base, "endpoints", "delete", ep_id, "--json") == {"id": ep_id, "deleted": True}
+
+
+# ---- the attempt log's per-endpoint hour and the requests it keeps (no Kafka) ------------------------------
+def test_attempt_log_last_hour_stats_and_bounded_requests() -> None:
+    from app.attempt_log import AttemptLog
+
+    log = AttemptLog(Settings.from_env({}), per_endpoint=50, requests=3)
+    now = 1_800_000_000.0
+    log.add(
+        {
+            "delivery_id": "old",
+            "endpoint_id": "ep",
+            "n": 1,
+            "at": now - 4000,
+            "outcome": "http_error",
+            "latency_ms": 9999,
+        }
+    )
+    for i in range(20):  # 19 successes and one failure in the hour, latencies 1..20 ms
+        outcome = "timeout" if i == 7 else "success"
+        log.add(
+            {
+                "delivery_id": f"d{i}",
+                "endpoint_id": "ep",
+                "n": 1,
+                "at": now - 100 + i,
+                "outcome": outcome,
+                "latency_ms": float(i + 1),
+                "request": {"headers": {"h": str(i)}, "body": "{}"},
+            }
+        )
+    st = log.stats("ep", now)
+    assert st == {"attempts": 20, "success_rate": 0.95, "p95_latency_ms": 19.0, "complete": True}
+    assert log.stats("nobody", now)["attempts"] == 0
+    # Requests: the newest 3 only, never inside the bounded lists.
+    assert "request" not in log.recent(1)[0]
+    assert log.for_delivery("d19")[0]["request"]["headers"] == {"h": "19"}
+    assert "request" not in log.for_delivery("d10")[0]
+    # A full per-endpoint list inside the hour: the stats say they may not cover all of it.
+    busy = AttemptLog(Settings.from_env({}), per_endpoint=5)
+    for i in range(9):
+        busy.add(
+            {
+                "delivery_id": f"b{i}",
+                "endpoint_id": "ep",
+                "n": 1,
+                "at": now - i,
+                "outcome": "success",
+                "latency_ms": 1.0,
+            }
+        )
+    assert busy.stats("ep", now)["complete"] is False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from app.admin.http import ApiError
@@ -114,6 +115,7 @@ class AdminContext:
         view = ep.public()
         view["failure_streak"] = self.attempts.streak(ep.id)
         view["last_attempt"] = self.attempts.last(ep.id)
+        view["last_hour"] = self.attempts.stats(ep.id, time.time())
         return view
 
     async def store(self, ep_id: str, ep: Endpoint | None) -> None:

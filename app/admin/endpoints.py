@@ -7,13 +7,36 @@ applied to this worker's view before the response. Secrets leave only in create 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiohttp import web
 
 from app.admin.context import AdminContext, log
 from app.admin.http import ApiError, check_fields, grace_seconds, json_response, read_json
-from app.endpoints import create_endpoint, rotate_secret, update_endpoint
+from app.catalog import load_catalog, matches
+from app.delivery import Delivery, new_delivery_id
+from app.endpoints import Endpoint, create_endpoint, rotate_secret, update_endpoint
+from app.events import now_rfc3339
+
+
+def test_delivery(ep: Endpoint) -> Delivery:
+    """A made-up delivery of the first catalog event of `ep`'s first pattern (`test` in the data)."""
+    names = list(load_catalog().events)
+    event = next((n for pattern in ep.events for n in names if matches([pattern], n)), "test.event")
+    resource = event.split(".", 1)[0]
+    now = time.time()
+    return Delivery(
+        id=new_delivery_id(),
+        endpoint_id=ep.id,
+        event=event,
+        event_id="evt_test_" + new_delivery_id()[4:],
+        occurred_at=now_rfc3339(now),
+        occurred_ts=now,
+        resource_key=f"{resource}:test",
+        data={"id": "test", "test": "true", "note": "test event sent from the admin page"},
+        mode=ep.mode,
+    )
 
 
 class EndpointRoutes:
@@ -30,6 +53,7 @@ class EndpointRoutes:
             ("POST", "/endpoints/{id}/enable", self.enable),
             ("POST", "/endpoints/{id}/disable", self.disable),
             ("POST", "/endpoints/{id}/rotate-secret", self.rotate),
+            ("POST", "/endpoints/{id}/test", self.send_test),
         ]
 
     async def list_all(self, request: web.Request) -> web.Response:
@@ -121,6 +145,25 @@ class EndpointRoutes:
             ep = self.ctx.endpoint(request.match_info["id"])
             await self.ctx.store(ep.id, None)
         return json_response({"id": ep.id, "deleted": True})
+
+    async def send_test(self, request: web.Request) -> web.Response:
+        """One signed test delivery to this endpoint only, attempted now and never retried: the
+        first catalog event of its first pattern, with a small made-up resource. Answers the attempt."""
+        await read_json(request, optional=True)
+        await self.ctx.registry_fresh()
+        ep = self.ctx.endpoint(request.match_info["id"])
+        delivery = test_delivery(ep)
+        try:
+            attempt = await self.ctx.components.dispatcher.attempt_once(delivery)
+        except KeyError as exc:
+            raise ApiError(404, f"no endpoint {ep.id}") from exc
+        return json_response(
+            {
+                "delivery_id": delivery.id,
+                "event": delivery.event,
+                "attempt": {**attempt.record(), "request": attempt.request},
+            }
+        )
 
     async def rotate(self, request: web.Request) -> web.Response:
         doc = await read_json(request, optional=True)
