@@ -105,6 +105,9 @@ class Attempt:
     status: int | None = None
     latency_ms: float = 0.0
     error: str | None = None
+    # The request as sent ({"headers", "body", "body_bytes", "truncated"}): failed attempts and test
+    # deliveries, from delivery_attempts(), while the worker holds it.
+    request: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

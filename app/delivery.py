@@ -162,13 +162,21 @@ class Attempt:
     latency_ms: float
     error: str | None = None
     retry_after: float | None = None  # seconds, from a 429/503 Retry-After
-    # The request as sent (headers, body up to REQUEST_BODY_CAP bytes), for the attempt log's
-    # delivery detail only: it is not in record(), so it never grows a delivery's own history.
-    request: dict[str, Any] | None = None
+    # The request as sent (references, no copy), for the attempt log's delivery detail only: it is
+    # not in record(), so it never grows a delivery's own history.
+    sent_headers: dict[str, str] | None = None
+    sent_body: bytes | None = None
 
     @property
     def ok(self) -> bool:
         return self.outcome == "success"
+
+    @property
+    def request(self) -> dict[str, Any] | None:
+        """The request as sent, bounded (see `request_record`); None if it was never built."""
+        if self.sent_headers is None or self.sent_body is None:
+            return None
+        return request_record(self.sent_headers, self.sent_body)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -249,7 +257,8 @@ class HttpSender:
         ts = int(started)
         status: int | None = None
         retry_after = None
-        request: dict[str, Any] | None = None
+        headers: dict[str, str] | None = None
+        body: bytes | None = None
         try:
             fmt = endpoint.format
             body = delivery.body(ts, fmt)
@@ -263,7 +272,6 @@ class HttpSender:
                 version=__version__,
             )
             headers.update(delivery.format_headers(fmt))
-            request = request_record(headers, body)
             url = _parsed_url(endpoint.url)
             allow = self.settings.allow_private_targets or target_allowed(
                 url.host, url.port, self.settings.allowed_targets
@@ -312,5 +320,6 @@ class HttpSender:
             latency_ms=(time.perf_counter() - t0) * 1000,
             error=error,
             retry_after=retry_after,
-            request=request,
+            sent_headers=headers,
+            sent_body=body,
         )

@@ -278,7 +278,11 @@ def test_client_against_a_real_worker(env: SimpleNamespace) -> None:
         one = api.dlq_entry(dead[0].delivery_id)
         assert one.data is not None and one.history and one.history[0].status == 500
         assert not one.history[0].ok and one.history[0].outcome == "http_error"
-        assert [a.n for a in api.delivery_attempts(one.delivery_id)][:2] == [1, 2]
+        tried = api.delivery_attempts(one.delivery_id)
+        assert [a.n for a in tried][:2] == [1, 2]
+        # A failed attempt keeps the request as sent: headers and the standard-format body.
+        assert tried[0].request is not None and tried[0].request["headers"]["X-PerfexAPI-Attempt"] == "1"
+        assert json.loads(tried[0].request["body"])["type"] == "estimate.sent"
         assert {a.endpoint_id for a in api.attempts(endpoint=ep.id)} == {ep.id}
 
         dry = api.replay_all(endpoint=ep.id, dry_run=True)
