@@ -230,7 +230,7 @@ def test_sigkill_with_smart_items_pending_loses_nothing(settings, receiver, work
     print(f"killed with {pending:g} smart items pending, {before} delivered before")
     ratio = crash_report("SIGKILL smart pending", w2, receiver, "/ks", set(last.values()))
     for r in receiver.received("/ks"):
-        assert r.json["data"]["k"] == str(saves - 1), r.json  # each carries the last save
+        assert r.json["payload"]["k"] == str(saves - 1), r.json  # each carries the last save
     assert ratio <= DUP_BOUND
     assert read_view(settings) == {}
 

@@ -86,7 +86,7 @@ def test_an_event_at_the_size_limit_crosses_every_topic(settings, receiver, work
     receiver.wait_for(9, "/dead", timeout=90)
     for path in ("/flaky", "/smart", "/dead"):
         for r in receiver.received(path):
-            assert r.json["data"]["blob"] == big["blob"]
+            assert r.json["payload"]["blob"] == big["blob"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         entries = w.api("GET", "/api/dlq", params={"endpoint": dead.id}).json()["entries"]
