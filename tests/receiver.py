@@ -59,7 +59,8 @@ def allowed_targets() -> str:
 
 
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host  # 0.0.0.0: reachable from containers (tests/test_containers.py)
         self.requests: list[Received] = []
         self.behaviours: dict[str, Callable[[int], Reply]] = {}
         self._counts: dict[str, int] = {}
@@ -121,7 +122,7 @@ class Receiver:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
             loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            loop.run_until_complete(web.TCPSite(runner, self.host, self.port).start())
             self._runner = runner
             self._started.set()
             loop.run_forever()

@@ -1,4 +1,4 @@
-"""deploy/ and grafana/ checked against the app, without running a container (this machine has none).
+"""deploy/ and grafana/ checked against the app, statically (tests/test_containers.py runs them).
 
 What is checked: every YAML/JSON file parses; Kubernetes manifests validate against Kubernetes'
 own schemas (kubernetes-validate, offline); every command line names a real `perfex-webhooks`
@@ -7,7 +7,8 @@ to our containers is one the app reads (string literals in app/*.py, Settings.fr
 app/config.py); every port is the app's web port and every probe path a route of app/web.py;
 every metric name used anywhere is in app.metrics.REGISTRY; the KEDA trigger names the app's
 consumer group and topics; compose wires Prometheus and Grafana to the files that exist.
-What is not: that the images build, that Kafka/Prometheus/Grafana/KEDA start (docs/operations.md).
+What runs for real under podman is in tests/test_containers.py; Grafana and KEDA do not run
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ def test_dockerfile_runs_a_real_command() -> None:
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
     assert entry == ["perfex-webhooks"]
     check_command(cmd)
+    # Users get python:3.11-slim; the tests build on a local Debian base (tests/test_containers.py).
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
     assert re.search(r"^EXPOSE (\d+)$", text, re.M).group(1) == str(Settings().web_port)  # type: ignore[union-attr]
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for name in src.split():

@@ -1,0 +1,337 @@
+"""deploy/ run for real under podman: the image, the compose stack and the Kubernetes manifests.
+
+Registries of images cannot be reached on our machines, so every image is built here on a local
+Debian base (scripts/base-image, debootstrap, cached per day): the worker image from
+deploy/Dockerfile (BASE_IMAGE), and, for the compose stack only, Kafka 4.0.2 from the same Maven
+jars as the test broker and Prometheus from Debian's package (tests/containers/compose.test.yml).
+podman's layer cache makes a second run's builds take seconds.
+
+One compose stack serves the module: Kafka, `topics apply`, two worker replicas and Prometheus;
+the Kubernetes manifests then run under `podman kube play` on the stack's network, pointed at its
+Kafka container. Marked `containers`: `pytest -m "not containers"` leaves them out of a quick loop.
+podman 4.3 (Debian bookworm) cannot wait for `service_healthy` and mishandles `--requires` chains
+of scaled services, so the stack comes up service by service (`up --no-deps`), each waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from app.config import Settings
+from app.producer import Producer
+from tests.receiver import Receiver
+
+# Cold, the image builds take ~10 min on 2 busy cores (docs/operations.md); cached, seconds.
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+HERE = ROOT / "tests" / "containers"
+COMPOSE_FILES = [DEPLOY / "docker-compose.yml", HERE / "compose.test.yml"]
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+WORKER_IMAGE = "localhost/perfex-webhooks:local"  # what compose's `perfex-webhooks:local` resolves to
+PORT = Settings().web_port
+EVENTS = 20
+
+
+def run(*cmd: str | Path, timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
+    return res
+
+
+def eventually(what: str, probe: Callable[[], Any], timeout: float) -> Any:
+    """Poll probe() until it returns something truthy (its value is returned) or fail with what."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+            if last:
+                return last
+        except (httpx.HTTPError, OSError, AssertionError) as exc:
+            last = exc
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kafka_libs() -> Path:
+    try:  # the integrator moves the local broker to devtools/
+        from devtools.local_broker import fetch_jars  # type: ignore[import-not-found]
+    except ImportError:
+        from app.local_broker import fetch_jars
+    return fetch_jars()
+
+
+def build(dockerfile: str, context: Path, tag: str, base: str, **args: str) -> None:
+    """podman build with the Debian base; the host's CA bundle is a build secret (pip, behind a
+    TLS-intercepting proxy), never a layer. --format docker keeps HEALTHCHECK (OCI has none)."""
+    cmd: list[str | Path] = ["podman", "build", "--format", "docker", "-f", context / dockerfile, "-t", tag]
+    for k, v in {"BASE_IMAGE": base, **args}.items():
+        cmd += ["--build-arg", f"{k}={v}"]
+    if CA_BUNDLE.exists():
+        cmd += ["--secret", f"id=ca-bundle,src={CA_BUNDLE}"]
+    run(*cmd, context, timeout=1200)
+
+
+def compose_doc(path: Path) -> dict[str, Any]:
+    # compose.test.yml uses the compose tags !reset/!override: read it without them.
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    if shutil.which("podman") is None:
+        pytest.fail('podman is missing: scripts/bootstrap installs it (or deselect: -m "not containers")')
+    base = run(ROOT / "scripts" / "base-image", timeout=900).stdout.strip().splitlines()[-1]
+    services = compose_doc(COMPOSE_FILES[0])["services"]
+    b = services["topics"]["build"]
+    assert services["worker"]["image"] == services["topics"]["image"] == "perfex-webhooks:local"
+    build(b["dockerfile"], (DEPLOY / b["context"]).resolve(), WORKER_IMAGE, base)
+    test_services = compose_doc(COMPOSE_FILES[1])["services"]
+    libs = kafka_libs().resolve().relative_to(ROOT)  # the context is the repository root
+    for name, extra in (("kafka", {"KAFKA_LIBS": str(libs)}), ("prometheus", {})):
+        svc = test_services[name]
+        build(svc["build"]["dockerfile"], (DEPLOY / svc["build"]["context"]).resolve(), svc["image"], base, **extra)
+    return {"base": base, "worker": WORKER_IMAGE}
+
+
+def inspect(name: str) -> dict[str, Any]:
+    return json.loads(run("podman", "inspect", name).stdout)[0]
+
+
+def address(container: str) -> str:
+    nets = inspect(container)["NetworkSettings"]["Networks"]
+    (net,) = nets.values()
+    return str(net["IPAddress"])
+
+
+class Stack:
+    """One `podman-compose` project; every command names it, so nothing else on the machine is touched."""
+
+    def __init__(self) -> None:
+        self.project = f"pwh{uuid.uuid4().hex[:8]}"
+        self.kafka_port = free_port()
+        self.token = secrets.token_urlsafe(32)  # >= 32 chars, not a placeholder (issue 14)
+        self.env = {
+            **os.environ,
+            "WEBHOOKS_ADMIN_TOKEN": self.token,
+            "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",  # the receiver is on the host
+            "KAFKA_HOST_PORT": str(self.kafka_port),
+        }
+        self.compose_bin = shutil.which("podman-compose", path=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+        assert self.compose_bin, "podman-compose is missing (pip: the test extra of pyproject.toml)"
+
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        files = [a for f in COMPOSE_FILES for a in ("-f", str(f))]
+        return run(self.compose_bin, "-p", self.project, *files, *args, env=self.env, timeout=timeout)  # type: ignore[arg-type]
+
+    def container(self, service: str, index: int = 1) -> str:
+        return f"{self.project}_{service}_{index}"
+
+    def leftovers(self) -> list[str]:
+        label = f"label=io.podman.compose.project={self.project}"
+        found = []
+        for kind in ("container", "volume", "network"):
+            args = ["-a"] if kind == "container" else []
+            out = run("podman", kind, "ls", *args, "--filter", label, "--format", "{{.Name}}" if kind != "container" else "{{.Names}}")
+            found += [f"{kind} {n}" for n in out.stdout.split()]
+        return found
+
+
+@pytest.fixture(scope="module")
+def stack(images: dict[str, str]) -> Iterator[Stack]:
+    s = Stack()
+    try:
+        s.compose("up", "-d", "--no-build", "--no-deps", "kafka")
+        settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{s.kafka_port}"})
+        eventually("Kafka (container) on its HOST listener", lambda: kafka_answers(settings), 180)
+        s.compose("up", "-d", "--no-build", "--no-deps", "topics")
+        code = run("podman", "wait", s.container("topics"), timeout=180).stdout.strip()
+        assert code == "0", run("podman", "logs", s.container("topics"), check=False).stderr[-2000:]
+        s.compose("up", "-d", "--no-build", "--no-deps", "--scale", "worker=2", "worker", "prometheus")
+        yield s
+    finally:
+        with contextlib.suppress(Exception):
+            s.compose("down", "-v", "-t", "10")
+
+
+def kafka_answers(settings: Settings) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+    return bool(admin.list_topics(timeout=3).brokers)
+
+
+def ready(base: str) -> bool:
+    return httpx.get(f"{base}/ready", timeout=3).status_code == 200
+
+
+def deliver_and_count(api: str, token: str, settings: Settings, n: int) -> list[dict[str, Any]]:
+    """Register an endpoint on a host receiver through the admin API at `api`, emit n events from the
+    host into the containers' Kafka, return what the receiver got once n arrived."""
+    receiver = Receiver(host="0.0.0.0").start()
+    try:
+        r = httpx.post(
+            f"{api}/api/endpoints",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"url": f"http://host.containers.internal:{receiver.port}/hook", "events": "invoice.*", "mode": "async"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        # The endpoint travels through the registry topic: events emitted before a worker has it
+        # would match nothing, so they are sent once the worker that owns them lists it.
+        ep_id = r.json()["id"]
+        headers = {"Authorization": f"Bearer {token}"}
+        eventually("the endpoint in the registry", lambda: httpx.get(f"{api}/api/endpoints/{ep_id}", headers=headers, timeout=5).status_code == 200, 60)
+        with Producer(settings) as p:
+            sent = [p.emit("invoice.paid", str(i), {"id": str(i)}, flush=False)["id"] for i in range(n)]
+        got = receiver.wait_for(n, "/hook", timeout=120)
+        time.sleep(1)  # a duplicate would arrive right behind: count after a pause
+        got = receiver.received("/hook")
+    finally:
+        receiver.stop()
+    ids = [r.json["event_id"] for r in got]
+    assert sorted(ids) == sorted(sent), f"{len(ids)} deliveries for {len(sent)} events; missing {set(sent) - set(ids)}"
+    return [r.json for r in got]
+
+
+# ---- 1. the image ----------------------------------------------------------------------------------
+def test_image_runs_the_worker_as_non_root_without_compilers(images: dict[str, str]) -> None:
+    info = inspect(images["worker"])
+    config = info["Config"]
+    assert config["User"] == "10001"
+    assert config["Entrypoint"] == ["perfex-webhooks"] and config["Cmd"] == ["worker", "--no-apply-topics"]
+    hc = config["Healthcheck"]["Test"]
+    assert hc[0] == "CMD" and "/health" in hc[-1]
+    probe = "id -u; for c in gcc cc g++ make; do command -v $c; done; test -e /run/secrets/ca-bundle && echo secret-left"
+    out = run("podman", "run", "--rm", "--entrypoint", "sh", images["worker"], "-c", probe).stdout.split()
+    assert out == ["10001"], f"expected uid 10001 and no compiler or build secret, got {out}"
+    size_mb = info["Size"] / 1e6
+    (ROOT / "test-output").mkdir(exist_ok=True)
+    (ROOT / "test-output" / "image-size.txt").write_text(f"{images['worker']} on {images['base']}: {size_mb:.0f} MB\n")
+    assert size_mb < 400, f"the worker image is {size_mb:.0f} MB"
+
+
+# ---- 2. the compose stack --------------------------------------------------------------------------
+def test_compose_two_workers_deliver_every_event_and_prometheus_scrapes_both(stack: Stack) -> None:
+    workers = [stack.container("worker", i) for i in (1, 2)]
+    bases = [f"http://{address(w)}:{PORT}" for w in workers]
+    for base in bases:
+        eventually(f"{base}/ready", lambda base=base: ready(base), 180)
+    # The image's HEALTHCHECK (podman runs it on demand: no systemd timers here).
+    assert run("podman", "healthcheck", "run", workers[0], check=False).returncode == 0
+
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{stack.kafka_port}"})
+    got = deliver_and_count(bases[0], stack.token, settings, EVENTS)
+    assert len(got) == EVENTS
+
+    prom = f"http://{address(stack.container('prometheus'))}:9090"
+
+    def query(q: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{prom}/api/v1/query", params={"query": q}, timeout=5)
+        assert r.status_code == 200, r.text
+        return list(r.json()["data"]["result"])
+
+    worker_ips = sorted(address(w) for w in workers)
+    # DNS service discovery of the compose service `worker`: one target per replica, both up.
+    eventually(
+        "Prometheus to scrape both workers",
+        lambda: sorted(s["metric"]["instance"].split(":")[0] for s in query('up{job="perfex-webhooks"} == 1')) == worker_ips,
+        60,
+    )
+    # What the workers delivered, summed over both replicas by Prometheus.
+    total = 'sum(webhooks_deliveries_total{outcome="success"})'
+    eventually(f"{total} == {EVENTS}", lambda: [float(s["value"][1]) for s in query(total)] == [float(EVENTS)], 60)
+
+
+# ---- 3. the Kubernetes manifests -------------------------------------------------------------------
+def k8s_manifests(stack: Stack, prefix: str) -> str:
+    """The ConfigMap, Secret, Deployment and Service of deploy/k8s as they are, with what an operator
+    sets for this cluster: the image, Kafka (the compose stack's container), the token, one replica
+    (kube play runs one), private targets (the receiver is on the host)."""
+    docs = []
+    for name in ("configmap.yaml", "secret.yaml", "deployment.yaml", "service.yaml"):
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
+            if doc:
+                docs.append(doc)
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            doc["data"].update(
+                KAFKA_BOOTSTRAP_SERVERS="kafka:9092",
+                WEBHOOKS_TOPIC_PREFIX=prefix,
+                WEBHOOKS_ALLOW_PRIVATE_TARGETS="true",
+                WEBHOOKS_REPLICATION_FACTOR="1",
+            )
+        elif doc["kind"] == "Secret":
+            doc.pop("data", None)
+            doc["stringData"] = {"WEBHOOKS_ADMIN_TOKEN": stack.token}
+        elif doc["kind"] == "Deployment":
+            doc["spec"]["replicas"] = 1
+            (c,) = doc["spec"]["template"]["spec"]["containers"]
+            c["image"] = WORKER_IMAGE
+    return yaml.safe_dump_all(docs)
+
+
+def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) -> None:
+    prefix = f"k{uuid.uuid4().hex[:6]}."
+    network = f"{stack.project}_default"
+    # The topics Job's command (podman has no Jobs), on a single broker.
+    job = yaml.safe_load((DEPLOY / "k8s" / "topics-job.yaml").read_text())
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = [("1" if prev == "--replication-factor" else a) for prev, a in zip(["", *args], args, strict=True)]
+    run(
+        "podman", "run", "--rm", "--network", network, "-e", "KAFKA_BOOTSTRAP_SERVERS=kafka:9092",
+        "-e", f"WEBHOOKS_TOPIC_PREFIX={prefix}", WORKER_IMAGE, *args, timeout=120,
+    )  # fmt: skip
+    manifest = tmp_path / "perfex-webhooks.yaml"
+    manifest.write_text(k8s_manifests(stack, prefix))
+    try:
+        run("podman", "kube", "play", "--network", network, manifest, timeout=120)
+        pods = json.loads(run("podman", "pod", "ps", "--format", "json", "--filter", "name=perfex-webhooks-worker").stdout)
+        assert len(pods) == 1, pods
+        (worker,) = [c["Names"] for c in pods[0]["Containers"] if c["Names"].endswith("-worker")]
+        c = inspect(worker)
+        assert c["Config"]["User"] == "10001" and c["HostConfig"]["ReadonlyRootfs"] is True
+        env = dict(e.split("=", 1) for e in c["Config"]["Env"])
+        assert env["WEBHOOKS_ADMIN_TOKEN"] == stack.token and env["WEBHOOKS_TOPIC_PREFIX"] == prefix
+        base = f"http://{address(worker)}:{PORT}"
+        eventually(f"the pod's readiness probe path {base}/ready", lambda: ready(base), 180)
+        settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{stack.kafka_port}", "WEBHOOKS_TOPIC_PREFIX": prefix})
+        got = deliver_and_count(base, stack.token, settings, EVENTS)
+        assert len(got) == EVENTS
+    finally:
+        run("podman", "kube", "down", manifest, check=False, timeout=120)
+
+
+# ---- compose down ----------------------------------------------------------------------------------
+def test_compose_down_removes_containers_volumes_and_network(stack: Stack) -> None:
+    assert stack.leftovers(), "the stack should be up before `down`"
+    stack.compose("down", "-v", "-t", "10", timeout=180)
+    assert stack.leftovers() == []
