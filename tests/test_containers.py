@@ -15,6 +15,7 @@ of scaled services, so the stack comes up service by service (`up --no-deps`), e
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -272,31 +273,35 @@ def test_compose_two_workers_deliver_every_event_and_prometheus_scrapes_both(sta
 
 
 # ---- 3. the Kubernetes manifests -------------------------------------------------------------------
-def k8s_manifests(stack: Stack, prefix: str) -> str:
-    """The ConfigMap, Secret, Deployment and Service of deploy/k8s as they are, with what an operator
-    sets for this cluster: the image, Kafka (the compose stack's container), the token, one replica
-    (kube play runs one), private targets (the receiver is on the host)."""
+def k8s_manifests(stack: Stack, prefix: str) -> tuple[str, dict[str, Any]]:
+    """The ConfigMap, Deployment and Service of deploy/k8s as they are, with what an operator sets
+    for this cluster: the image, Kafka (the compose stack's container), one replica (kube play runs
+    one), private targets (the receiver is on the host); and the Secret with a real token."""
     docs = []
-    for name in ("configmap.yaml", "secret.yaml", "deployment.yaml", "service.yaml"):
-        for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
-            if doc:
-                docs.append(doc)
-    for doc in docs:
-        if doc["kind"] == "ConfigMap":
-            doc["data"].update(
-                KAFKA_BOOTSTRAP_SERVERS="kafka:9092",
-                WEBHOOKS_TOPIC_PREFIX=prefix,
-                WEBHOOKS_ALLOW_PRIVATE_TARGETS="true",
-                WEBHOOKS_REPLICATION_FACTOR="1",
-            )
-        elif doc["kind"] == "Secret":
-            doc.pop("data", None)
-            doc["stringData"] = {"WEBHOOKS_ADMIN_TOKEN": stack.token}
-        elif doc["kind"] == "Deployment":
-            doc["spec"]["replicas"] = 1
-            (c,) = doc["spec"]["template"]["spec"]["containers"]
-            c["image"] = WORKER_IMAGE
-    return yaml.safe_dump_all(docs)
+    for name in ("configmap.yaml", "deployment.yaml", "service.yaml"):
+        docs += [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container["image"] = WORKER_IMAGE
+    deployment["spec"]["replicas"] = 1
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    cm["data"].update(
+        KAFKA_BOOTSTRAP_SERVERS="kafka:9092",
+        WEBHOOKS_TOPIC_PREFIX=prefix,
+        WEBHOOKS_ALLOW_PRIVATE_TARGETS="true",
+        WEBHOOKS_REPLICATION_FACTOR="1",
+    )
+    # The Secret the Deployment reads: secret.yaml's, or the one kustomize's secretGenerator makes.
+    (secret_name,) = [r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r]
+    secret_file = DEPLOY / "k8s" / "secret.yaml"
+    if secret_file.exists():
+        secret = yaml.safe_load(secret_file.read_text())
+    else:
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret_name}, "type": "Opaque"}
+    assert secret["metadata"]["name"] == secret_name
+    secret.pop("stringData", None)
+    secret["data"] = {"WEBHOOKS_ADMIN_TOKEN": base64.b64encode(stack.token.encode()).decode()}
+    return yaml.safe_dump_all(docs), secret
 
 
 def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) -> None:
@@ -310,8 +315,15 @@ def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) 
         "podman", "run", "--rm", "--network", network, "-e", "KAFKA_BOOTSTRAP_SERVERS=kafka:9092",
         "-e", f"WEBHOOKS_TOPIC_PREFIX={prefix}", WORKER_IMAGE, *args, timeout=120,
     )  # fmt: skip
+    manifests, secret = k8s_manifests(stack, prefix)
     manifest = tmp_path / "perfex-webhooks.yaml"
-    manifest.write_text(k8s_manifests(stack, prefix))
+    manifest.write_text(manifests)
+    # kube play (podman 4.3) resolves envFrom.secretRef to a podman secret holding the Secret.
+    secret_file = tmp_path / "secret.yaml"
+    secret_file.write_text(yaml.safe_dump(secret))
+    secret_name = secret["metadata"]["name"]
+    run("podman", "secret", "rm", secret_name, check=False)
+    run("podman", "secret", "create", secret_name, secret_file)
     try:
         run("podman", "kube", "play", "--network", network, manifest, timeout=120)
         pods = json.loads(run("podman", "pod", "ps", "--format", "json", "--filter", "name=perfex-webhooks-worker").stdout)
@@ -328,6 +340,7 @@ def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) 
         assert len(got) == EVENTS
     finally:
         run("podman", "kube", "down", manifest, check=False, timeout=120)
+        run("podman", "secret", "rm", secret_name, check=False)
 
 
 # ---- compose down ----------------------------------------------------------------------------------
