@@ -35,6 +35,7 @@ import yaml
 
 from app.config import Settings
 from app.producer import Producer
+from tests.helpers import eventually
 from tests.receiver import Receiver
 
 # Cold, the image builds take ~10 min on 2 busy cores (docs/operations.md); cached, seconds.
@@ -57,19 +58,16 @@ def run(*cmd: str | Path, timeout: float = 600, check: bool = True, **kw: Any) -
     return res
 
 
-def eventually(what: str, probe: Callable[[], Any], timeout: float) -> Any:
-    """Poll probe() until it returns something truthy (its value is returned) or fail with what."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
+def answers(probe: Callable[[], Any]) -> Callable[[], Any]:
+    """probe() for eventually(), with a refused or reset connection (still starting) as False."""
+
+    def call() -> Any:
         try:
-            last = probe()
-            if last:
-                return last
-        except (httpx.HTTPError, OSError, AssertionError) as exc:
-            last = exc
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+            return probe()
+        except (httpx.HTTPError, OSError):
+            return False
+
+    return call
 
 
 def free_port() -> int:
@@ -79,10 +77,8 @@ def free_port() -> int:
 
 
 def kafka_libs() -> Path:
-    try:  # the integrator moves the local broker to devtools/
-        from devtools.local_broker import fetch_jars  # type: ignore[import-not-found]
-    except ImportError:
-        from app.local_broker import fetch_jars
+    from devtools.local_broker import fetch_jars
+
     return fetch_jars()
 
 
@@ -172,7 +168,7 @@ def stack(images: dict[str, str]) -> Iterator[Stack]:
     try:
         s.compose("up", "-d", "--no-build", "--no-deps", "kafka")
         settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{s.kafka_port}"})
-        eventually("Kafka (container) on its HOST listener", lambda: kafka_answers(settings), 180)
+        eventually(lambda: kafka_answers(settings), 180, "Kafka (container) on its HOST listener")
         s.compose("up", "-d", "--no-build", "--no-deps", "topics")
         code = run("podman", "wait", s.container("topics"), timeout=180).stdout.strip()
         assert code == "0", run("podman", "logs", s.container("topics"), check=False).stderr[-2000:]
@@ -186,8 +182,13 @@ def stack(images: dict[str, str]) -> Iterator[Stack]:
 def kafka_answers(settings: Settings) -> bool:
     from confluent_kafka.admin import AdminClient
 
+    from confluent_kafka import KafkaException
+
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
-    return bool(admin.list_topics(timeout=3).brokers)
+    try:
+        return bool(admin.list_topics(timeout=3).brokers)
+    except KafkaException:  # not up yet
+        return False
 
 
 def ready(base: str) -> bool:
@@ -210,7 +211,7 @@ def deliver_and_count(api: str, token: str, settings: Settings, n: int) -> list[
         # would match nothing, so they are sent once the worker that owns them lists it.
         ep_id = r.json()["id"]
         headers = {"Authorization": f"Bearer {token}"}
-        eventually("the endpoint in the registry", lambda: httpx.get(f"{api}/api/endpoints/{ep_id}", headers=headers, timeout=5).status_code == 200, 60)
+        eventually(answers(lambda: httpx.get(f"{api}/api/endpoints/{ep_id}", headers=headers, timeout=5).status_code == 200), 60, "the endpoint in the registry")
         with Producer(settings) as p:
             sent = [p.emit("invoice.paid", str(i), {"id": str(i)}, flush=False)["id"] for i in range(n)]
         got = receiver.wait_for(n, "/hook", timeout=120)
@@ -245,7 +246,7 @@ def test_compose_two_workers_deliver_every_event_and_prometheus_scrapes_both(sta
     workers = [stack.container("worker", i) for i in (1, 2)]
     bases = [f"http://{address(w)}:{PORT}" for w in workers]
     for base in bases:
-        eventually(f"{base}/ready", lambda base=base: ready(base), 180)
+        eventually(answers(lambda base=base: ready(base)), 180, f"{base}/ready")
     # The image's HEALTHCHECK (podman runs it on demand: no systemd timers here).
     assert run("podman", "healthcheck", "run", workers[0], check=False).returncode == 0
 
@@ -263,13 +264,13 @@ def test_compose_two_workers_deliver_every_event_and_prometheus_scrapes_both(sta
     worker_ips = sorted(address(w) for w in workers)
     # DNS service discovery of the compose service `worker`: one target per replica, both up.
     eventually(
-        "Prometheus to scrape both workers",
-        lambda: sorted(s["metric"]["instance"].split(":")[0] for s in query('up{job="perfex-webhooks"} == 1')) == worker_ips,
+        answers(lambda: sorted(s["metric"]["instance"].split(":")[0] for s in query('up{job="perfex-webhooks"} == 1')) == worker_ips),
         60,
+        "Prometheus to scrape both workers",
     )
     # What the workers delivered, summed over both replicas by Prometheus.
     total = 'sum(webhooks_deliveries_total{outcome="success"})'
-    eventually(f"{total} == {EVENTS}", lambda: [float(s["value"][1]) for s in query(total)] == [float(EVENTS)], 60)
+    eventually(answers(lambda: [float(s["value"][1]) for s in query(total)] == [float(EVENTS)]), 60, f"{total} == {EVENTS}")
 
 
 # ---- 3. the Kubernetes manifests -------------------------------------------------------------------
@@ -334,7 +335,7 @@ def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) 
         env = dict(e.split("=", 1) for e in c["Config"]["Env"])
         assert env["WEBHOOKS_ADMIN_TOKEN"] == stack.token and env["WEBHOOKS_TOPIC_PREFIX"] == prefix
         base = f"http://{address(worker)}:{PORT}"
-        eventually(f"the pod's readiness probe path {base}/ready", lambda: ready(base), 180)
+        eventually(answers(lambda: ready(base)), 180, f"the pod's readiness probe path {base}/ready")
         settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{stack.kafka_port}", "WEBHOOKS_TOPIC_PREFIX": prefix})
         got = deliver_and_count(base, stack.token, settings, EVENTS)
         assert len(got) == EVENTS
