@@ -180,9 +180,8 @@ def stack(images: dict[str, str]) -> Iterator[Stack]:
 
 
 def kafka_answers(settings: Settings) -> bool:
-    from confluent_kafka.admin import AdminClient
-
     from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
     try:
