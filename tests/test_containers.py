@@ -159,7 +159,8 @@ class Stack:
             args = ["-a"] if kind == "container" else []
             out = run("podman", kind, "ls", *args, "--filter", label, "--format", "{{.Name}}" if kind != "container" else "{{.Names}}")
             found += [f"{kind} {n}" for n in out.stdout.split()]
-        return found
+        pods = run("podman", "pod", "ps", "--filter", f"name=^pod_{self.project}$", "--format", "{{.Name}}")
+        return found + [f"pod {n}" for n in pods.stdout.split()]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def stack(images: dict[str, str]) -> Iterator[Stack]:
         s.compose("up", "-d", "--no-build", "--no-deps", "topics")
         code = run("podman", "wait", s.container("topics"), timeout=180).stdout.strip()
         assert code == "0", run("podman", "logs", s.container("topics"), check=False).stderr[-2000:]
-        s.compose("up", "-d", "--no-build", "--no-deps", "--scale", "worker=2", "worker", "prometheus")
+        s.compose("up", "-d", "--no-build", "--no-deps", "worker", "prometheus")  # 2 replicas: compose.test.yml
         yield s
     finally:
         with contextlib.suppress(Exception):
@@ -229,9 +230,9 @@ def test_image_runs_the_worker_as_non_root_without_compilers(images: dict[str, s
     config = info["Config"]
     assert config["User"] == "10001"
     assert config["Entrypoint"] == ["perfex-webhooks"] and config["Cmd"] == ["worker", "--no-apply-topics"]
-    hc = config["Healthcheck"]["Test"]
+    hc = info["Healthcheck"]["Test"]  # podman: beside Config (docker format images only)
     assert hc[0] == "CMD" and "/health" in hc[-1]
-    probe = "id -u; for c in gcc cc g++ make; do command -v $c; done; test -e /run/secrets/ca-bundle && echo secret-left"
+    probe = "id -u; for c in gcc cc g++ make; do command -v $c; done; test -e /run/secrets/ca-bundle && echo secret-left; true"
     out = run("podman", "run", "--rm", "--entrypoint", "sh", images["worker"], "-c", probe).stdout.split()
     assert out == ["10001"], f"expected uid 10001 and no compiler or build secret, got {out}"
     size_mb = info["Size"] / 1e6
@@ -246,8 +247,10 @@ def test_compose_two_workers_deliver_every_event_and_prometheus_scrapes_both(sta
     bases = [f"http://{address(w)}:{PORT}" for w in workers]
     for base in bases:
         eventually(answers(lambda base=base: ready(base)), 180, f"{base}/ready")
-    # The image's HEALTHCHECK (podman runs it on demand: no systemd timers here).
-    assert run("podman", "healthcheck", "run", workers[0], check=False).returncode == 0
+    # The image's HEALTHCHECK, run on demand (podman schedules it with systemd timers, which our
+    # machines lack); one slow probe on a busy machine is not a failure (retries=3), so poll.
+    for w in workers:
+        eventually(lambda w=w: run("podman", "healthcheck", "run", w, check=False).returncode == 0, 60, f"{w} healthy")
 
     settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{stack.kafka_port}"})
     got = deliver_and_count(bases[0], stack.token, settings, EVENTS)

@@ -5,7 +5,9 @@
 # file's `kafka` service runs unchanged. Context: the repository root.
 ARG BASE_IMAGE=localhost/debian:bookworm
 FROM ${BASE_IMAGE}
-RUN apt-get update \
+# The JRE's postinst links its man pages into /usr/share/man/man1, which slim bases leave out.
+RUN mkdir -p /usr/share/man/man1 \
+ && apt-get update \
  && apt-get install -y --no-install-recommends default-jre-headless \
  && apt-get clean && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 1000 --home-dir /var/lib/kafka --create-home --shell /usr/sbin/nologin kafka
