@@ -313,7 +313,7 @@ def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) 
     # The topics Job's command (podman has no Jobs), on a single broker.
     job = yaml.safe_load((DEPLOY / "k8s" / "topics-job.yaml").read_text())
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    args = [("1" if prev == "--replication-factor" else a) for prev, a in zip(["", *args], args, strict=True)]
+    args = [("1" if prev == "--replication-factor" else a) for prev, a in zip(["", *args[:-1]], args, strict=True)]
     run(
         "podman", "run", "--rm", "--network", network, "-e", "KAFKA_BOOTSTRAP_SERVERS=kafka:9092",
         "-e", f"WEBHOOKS_TOPIC_PREFIX={prefix}", WORKER_IMAGE, *args, timeout=120,
@@ -321,9 +321,10 @@ def test_kubernetes_manifests_run_under_kube_play(stack: Stack, tmp_path: Path) 
     manifests, secret = k8s_manifests(stack, prefix)
     manifest = tmp_path / "perfex-webhooks.yaml"
     manifest.write_text(manifests)
-    # kube play (podman 4.3) resolves envFrom.secretRef to a podman secret holding the Secret.
-    secret_file = tmp_path / "secret.yaml"
-    secret_file.write_text(yaml.safe_dump(secret))
+    # kube play (podman 4.3) resolves envFrom.secretRef to the podman secret of that name, which
+    # holds the Secret's `data` as JSON.
+    secret_file = tmp_path / "secret.json"
+    secret_file.write_text(json.dumps(secret["data"]))
     secret_name = secret["metadata"]["name"]
     run("podman", "secret", "rm", secret_name, check=False)
     run("podman", "secret", "create", secret_name, secret_file)
