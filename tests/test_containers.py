@@ -135,10 +135,13 @@ class Stack:
     def __init__(self) -> None:
         self.project = f"pwh{uuid.uuid4().hex[:8]}"
         self.kafka_port = free_port()
-        self.token = secrets.token_urlsafe(32)  # >= 32 chars, not a placeholder (issue 14)
+        # What an operator puts in deploy/.env (and deploy/k8s/secrets.env): long random tokens.
+        self.token = secrets.token_urlsafe(32)
+        self.metrics_token = secrets.token_urlsafe(32)
         self.env = {
             **os.environ,
             "WEBHOOKS_ADMIN_TOKEN": self.token,
+            "WEBHOOKS_METRICS_TOKEN": self.metrics_token,
             "WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true",  # the receiver is on the host
             "KAFKA_HOST_PORT": str(self.kafka_port),
         }
@@ -279,7 +282,7 @@ def test_compose_two_workers_deliver_every_event_and_prometheus_scrapes_both(sta
 def k8s_manifests(stack: Stack, prefix: str) -> tuple[str, dict[str, Any]]:
     """The ConfigMap, Deployment and Service of deploy/k8s as they are, with what an operator sets
     for this cluster: the image, Kafka (the compose stack's container), one replica (kube play runs
-    one), private targets (the receiver is on the host); and the Secret with a real token."""
+    one), private targets (the receiver is on the host); and the Secret with real tokens."""
     docs = []
     for name in ("configmap.yaml", "deployment.yaml", "service.yaml"):
         docs += [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
@@ -294,16 +297,20 @@ def k8s_manifests(stack: Stack, prefix: str) -> tuple[str, dict[str, Any]]:
         WEBHOOKS_ALLOW_PRIVATE_TARGETS="true",
         WEBHOOKS_REPLICATION_FACTOR="1",
     )
-    # The Secret the Deployment reads: secret.yaml's, or the one kustomize's secretGenerator makes.
+    # The Secret the Deployment reads, as kustomization.yaml's secretGenerator makes it from the
+    # operator's secrets.env (kube play has no kustomize; the generated name's hash suffix aside).
     (secret_name,) = [r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r]
-    secret_file = DEPLOY / "k8s" / "secret.yaml"
-    if secret_file.exists():
-        secret = yaml.safe_load(secret_file.read_text())
-    else:
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret_name}, "type": "Opaque"}
-    assert secret["metadata"]["name"] == secret_name
-    secret.pop("stringData", None)
-    secret["data"] = {"WEBHOOKS_ADMIN_TOKEN": base64.b64encode(stack.token.encode()).decode()}
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    (generator,) = [g for g in kustomization["secretGenerator"] if g["name"] == secret_name]
+    assert generator["envs"] == ["secrets.env"]
+    tokens = {"WEBHOOKS_ADMIN_TOKEN": stack.token, "WEBHOOKS_METRICS_TOKEN": stack.metrics_token}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": secret_name},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in tokens.items()},
+    }
     return yaml.safe_dump_all(docs), secret
 
 
