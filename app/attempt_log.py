@@ -16,10 +16,9 @@ from typing import Any
 
 import orjson
 
+from app import route
 from app.config import Settings
 from app.topic_tables import TopicFollower
-
-TOPIC = "webhooks.attempts"
 
 
 class AttemptLog(TopicFollower):
@@ -34,7 +33,7 @@ class AttemptLog(TopicFollower):
         recent: int = 1000,
         requests: int = 1000,
     ) -> None:
-        super().__init__(settings, TOPIC)
+        super().__init__(settings, route.ATTEMPTS)
         self.per_partition = per_partition
         self.per_endpoint = per_endpoint
         self.max_deliveries = deliveries

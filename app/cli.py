@@ -227,12 +227,12 @@ def endpoints() -> None:
 
 
 def _write_endpoint(s: Settings, ep: Any, delete: bool = False) -> None:
-    from app.endpoints import TOPIC
+    from app import route
     from app.producer import Producer
     from app.secretbox import box_for
 
     with Producer(s) as p:
-        p.send(TOPIC, ep.id, None if delete else ep.record(box_for(s.secrets_key)))
+        p.send(route.ENDPOINTS, ep.id, None if delete else ep.record(box_for(s.secrets_key)))
 
 
 def _print_endpoint(ep_public: dict[str, Any]) -> None:

@@ -16,9 +16,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 DEFAULT_RETRY_SCHEDULE = "30s,1m,5m,15m,1h,6h,12h,24h"
-# Tier topic names are public contracts (SPEC §3.3) and fixed by position: a shortened schedule
-# (tests use 200ms tiers) changes how long each tier waits, never what the topics are called.
-TIER_TOPICS = tuple(f"webhooks.retry.{x}" for x in DEFAULT_RETRY_SCHEDULE.split(","))
+# One tier topic per default delay (app/route.py names them): a schedule may be shorter, not longer.
+MAX_TIERS = len(DEFAULT_RETRY_SCHEDULE.split(","))
 
 
 class ConfigError(ValueError):
@@ -187,8 +186,8 @@ class Settings:
         schedule = tuple(
             parse_duration(x, "WEBHOOKS_RETRY_SCHEDULE") for x in schedule_text.split(",") if x.strip()
         )
-        if not 1 <= len(schedule) <= len(TIER_TOPICS):
-            raise ConfigError(f"WEBHOOKS_RETRY_SCHEDULE: needs 1 to {len(TIER_TOPICS)} delays")
+        if not 1 <= len(schedule) <= MAX_TIERS:
+            raise ConfigError(f"WEBHOOKS_RETRY_SCHEDULE: needs 1 to {MAX_TIERS} delays")
         try:
             port = int(e.get("WEBHOOKS_WEB_PORT") or 6066)
         except ValueError as exc:
@@ -255,7 +254,3 @@ class Settings:
     @property
     def group_id(self) -> str:
         return f"{self.topic_prefix}perfex-webhooks"
-
-    def tier_topics(self) -> list[str]:
-        """Full names of the tier topics in use, in order, one per configured delay."""
-        return [self.topic(name) for name in TIER_TOPICS[: len(self.retry_schedule)]]

@@ -23,6 +23,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from app import route
 from app.config import Settings
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
@@ -31,7 +32,6 @@ from app.offsets import PartitionOffsets, until_finished
 
 log = logging.getLogger(__name__)
 
-TOPIC = "webhooks.deliveries"
 BATCH = 500
 COMMIT_INTERVAL = 1.0  # seconds between offset commits while records flow
 
@@ -42,7 +42,7 @@ class DeliveryAgent:
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
-        self.topic = settings.topic(TOPIC)
+        self.topic = settings.topic(route.queue_for("async"))
         self.group_id = f"{settings.group_id}.deliveries"
         self.slots = asyncio.Semaphore(settings.max_in_flight * 8)
         # Work started for records not yet finished; the worker drains it before a graceful stop.

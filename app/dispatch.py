@@ -2,7 +2,8 @@
 
 Shared by immediate fan-out, the async/smart delivery agent and the retry tiers, so every path has
 the same rules: concurrency caps (global, and per endpoint so one slow endpoint cannot take every
-slot), the attempt log, metrics, 410 disabling the endpoint, Retry-After, next tier or DLQ.
+slot), the attempt log, metrics, 410 disabling the endpoint, Retry-After. Where a delivery goes
+next is decided in app/route.py (`Done` / `Tier` / `Defer` / `Dead`); `follow` carries it out.
 `dispatch` returns only when the delivery is safe: delivered, or its next record acknowledged
 by Kafka. Callers commit their source offset after that.
 """
@@ -16,25 +17,13 @@ from typing import Any
 
 import orjson
 
-from app import metrics
-from app.config import TIER_TOPICS, Settings
+from app import metrics, route
+from app.config import Settings
 from app.delivery import Attempt, Delivery, HttpSender
-from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.endpoints import Registry
 from app.outbox import Outbox
-from app.retry import DLQ, next_hop
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS = "webhooks.attempts"
-
-
-# DLQ reason of an outcome that parks at once (SPEC: dlq_reason); any other parks after the tiers.
-_PARK_REASON = {"gone": "gone", "forbidden": "forbidden_target"}
-
-
-def tier_label(index: int) -> str:
-    return TIER_TOPICS[index].removeprefix("webhooks.retry.")
 
 
 class Dispatcher:
@@ -56,25 +45,17 @@ class Dispatcher:
 
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
+        """Attempt `d` (read from tier `tier`, or fresh) and send it where its outcome says."""
         ep = self.registry.get(d.endpoint_id)
-        if ep is None:
-            await self.park(d, "endpoint_deleted")
+        instead = route.before_attempt(None if ep is None else ep.enabled, d.not_before, tier, time.time())
+        if instead is not None:
+            await self.follow(d, instead)
             return
-        if not ep.enabled:
-            await self.park(d, "endpoint_disabled")
-            return
-        now = time.time()
-        if d.not_before and now < d.not_before and tier is not None:
-            # Retry-After asked for more time than this tier gave: wait another round in it.
-            await self._to_topic(TIER_TOPICS[tier], d)
-            return
+        assert ep is not None
         waiting = self._waiting.get(ep.id, 0)
         if waiting >= self.max_waiting_per_endpoint and self._slow.get(ep.id):
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
-            if tier is None:
-                await self._schedule(d, None)
-            else:
-                await self._to_topic(TIER_TOPICS[tier], d)
+            await self.follow(d, route.deferred(self.settings, d.failures, tier))
             return
         sem = self._per_endpoint.get(ep.id)
         if sem is None:
@@ -119,29 +100,27 @@ class Dispatcher:
             d.not_before = a.at + a.retry_after
         if a.outcome == "gone":
             await self.disable_endpoint(endpoint_id, "410 Gone from the endpoint")
-        await self._schedule(d, a)
+        await self.follow(d, route.after_failure(self.settings, d.failures, a.outcome))
 
-    async def _schedule(self, d: Delivery, a: Attempt | None) -> None:
-        topic, index = next_hop(self.settings, d, a)
-        if index is None:
-            reason = _PARK_REASON.get(a.outcome if a is not None else "", "retries_exhausted")
-            await self.park(d, reason)
-            return
-        metrics.RETRIES_SCHEDULED.labels(tier=tier_label(index)).inc()
-        await self._to_topic(topic, d)
-
-    async def _to_topic(self, topic: str, d: Delivery) -> None:
-        await self.outbox.publish(topic, d.resource_key, d.encode())
+    async def follow(self, d: Delivery, next_: route.Next) -> None:
+        """Send `d` where the route says; returns once that record is acknowledged by Kafka."""
+        match next_:
+            case route.Done():
+                return
+            case route.Tier():
+                metrics.RETRIES_SCHEDULED.labels(tier=next_.label).inc()
+                await self.outbox.publish(next_.topic, d.resource_key, d.encode())
+            case route.Defer():
+                await self.outbox.publish(next_.topic, d.resource_key, d.encode())
+            case route.Dead():
+                await self.park(d, next_.reason)
 
     # ---- DLQ, attempt log, registry ------------------------------------------------------------
     async def park(self, d: Delivery, reason: str) -> None:
         if d.replays and self.dlq_view is not None:
             await self._wait_replay_tombstone(d)
-        rec = d.record()
-        rec["dlq_reason"] = reason
-        rec["dead_at"] = time.time()
         metrics.DLQ_ENTRIES.labels(reason=reason).inc()
-        await self.outbox.publish(DLQ, d.id, orjson.dumps(rec))
+        await self.outbox.publish(route.DLQ, d.id, orjson.dumps(route.dead_record(d.record(), reason)))
 
     async def _wait_replay_tombstone(self, d: Delivery, timeout: float = 10.0) -> None:
         """A replay publishes the delivery, then tombstones its old DLQ entry. A replayed delivery
@@ -157,15 +136,9 @@ class Dispatcher:
 
     async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
         """A record we cannot even decode still goes to the DLQ, never nowhere."""
-        rec = {
-            "id": (key or b"unknown").decode("utf-8", "replace"),
-            "dlq_reason": "unreadable",
-            "error": reason[:300],
-            "raw": (value or b"")[:100_000].decode("utf-8", "replace"),
-            "dead_at": time.time(),
-        }
+        rec = route.unreadable_record(key, value, reason)
         metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
-        await self.outbox.publish(DLQ, rec["id"], orjson.dumps(rec))
+        await self.outbox.publish(route.DLQ, rec["id"], orjson.dumps(rec))
 
     async def attempt_once(self, d: Delivery) -> Attempt:
         """One attempt of a test delivery (the admin page's "send a test event"): logged like any
@@ -190,7 +163,7 @@ class Dispatcher:
         if request is not None:
             rec["request"] = request
         # The attempt log is observability: queue it, do not hold the delivery for its ack.
-        self.outbox.send_untracked(ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
+        self.outbox.send_untracked(route.ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
 
     async def disable_endpoint(self, endpoint_id: str, reason: str) -> None:
         ep = self.registry.get(endpoint_id)
@@ -199,5 +172,5 @@ class Dispatcher:
         new = ep.changed(enabled=False, disabled_reason=reason)
         self.registry.apply_local(new, endpoint_id)
         metrics.ENDPOINTS_DISABLED_BY_410.inc()
-        await self.outbox.publish(ENDPOINTS_TOPIC, endpoint_id, orjson.dumps(self.registry.record(new)))
+        await self.outbox.publish(route.ENDPOINTS, endpoint_id, orjson.dumps(self.registry.record(new)))
         log.warning("endpoint %s disabled: %s", endpoint_id, reason)

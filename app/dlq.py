@@ -9,15 +9,12 @@ back into the DLQ under the same key.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from app import route
 from app.config import Settings
-
-TOPIC = "webhooks.dlq"
-DELIVERIES = "webhooks.deliveries"
 
 
 @dataclass(frozen=True)
@@ -65,16 +62,6 @@ def select(view: dict[str, dict[str, Any]], flt: Filter) -> list[dict[str, Any]]
     return sorted((e for e in view.values() if flt(e)), key=lambda e: float(e.get("dead_at") or 0))
 
 
-def replay_record(entry: dict[str, Any]) -> dict[str, Any]:
-    """The delivery to publish again: same id and history, retries reset, no Retry-After wait."""
-    rec = {k: v for k, v in entry.items() if k not in ("dlq_reason", "dead_at")}
-    rec["failures"] = 0
-    rec["not_before"] = None
-    rec["replays"] = int(entry.get("replays") or 0) + 1
-    rec["replayed_at"] = time.time()
-    return rec
-
-
 def is_replayable(entry: dict[str, Any]) -> bool:
     return bool(entry.get("endpoint_id")) and "data" in entry
 
@@ -83,7 +70,7 @@ def is_replayable(entry: dict[str, Any]) -> bool:
 def read_view(settings: Settings) -> dict[str, dict[str, Any]]:
     from app.topic_tables import read_table
 
-    return read_table(settings, TOPIC)
+    return read_table(settings, route.DLQ)
 
 
 def replay(
@@ -106,10 +93,10 @@ def replay(
         for i in range(0, len(todo), chunk):
             part = todo[i : i + chunk]
             for entry in part:
-                p.send(DELIVERIES, entry.get("resource_key") or entry["id"], replay_record(entry))
+                p.send(route.queue_for("async"), route.replay_key(entry), route.replay_record(entry))
             p.flush()
             for entry in part:
-                p.send(TOPIC, entry["id"], None)
+                p.send(route.DLQ, entry["id"], None)
             p.flush()
             metrics.REPLAYS.inc(len(part))
             if progress is not None:
@@ -126,9 +113,10 @@ async def replay_async(outbox: Any, entries: Iterable[dict[str, Any]]) -> int:
     todo = [e for e in entries if is_replayable(e)]
     if not todo:
         return 0
-    futs = [await outbox.send(DELIVERIES, e.get("resource_key") or e["id"], replay_record(e)) for e in todo]
+    queue = route.queue_for("async")
+    futs = [await outbox.send(queue, route.replay_key(e), route.replay_record(e)) for e in todo]
     await asyncio.gather(*futs)
-    futs = [await outbox.send(TOPIC, e["id"], None) for e in todo]
+    futs = [await outbox.send(route.DLQ, e["id"], None) for e in todo]
     await asyncio.gather(*futs)
     metrics.REPLAYS.inc(len(todo))
     return len(todo)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from app import route
 from app.catalog import load_catalog, matches
 from app.config import Settings
 from app.netguard import validate_url
@@ -29,7 +30,6 @@ FORMATS = ("perfexapi", "standard")  # body shape (SPEC §3.2); perfexapi is the
 MIN_SECRET = 16
 MAX_SECRET = 1024
 MAX_GRACE = 24 * 3600.0
-TOPIC = "webhooks.endpoints"
 log = logging.getLogger(__name__)
 
 
@@ -211,7 +211,7 @@ def read_endpoints(settings: Settings) -> dict[str, Endpoint]:
 
     box = box_for(settings.secrets_key)
     out: dict[str, Endpoint] = {}
-    for k, v in read_table(settings, TOPIC).items():
+    for k, v in read_table(settings, route.ENDPOINTS).items():
         try:
             out[k] = Endpoint.from_record(v, box)
         except SecretsKeyError as exc:
@@ -229,7 +229,7 @@ def reencrypt_all(settings: Settings) -> int:
     eps = read_endpoints(settings)
     with Producer(settings) as p:
         for ep in eps.values():
-            p.send(TOPIC, ep.id, ep.record(box))
+            p.send(route.ENDPOINTS, ep.id, ep.record(box))
     return len(eps)
 
 
@@ -251,7 +251,7 @@ class Registry:
         self._endpoints: dict[str, Endpoint] = {}
         self._notify = on_change
         self.on_delete: list[Callable[[str], None]] = []  # called with the id of a deleted endpoint
-        self.table = TopicTable(settings, TOPIC, on_change=self._changed)
+        self.table = TopicTable(settings, route.ENDPOINTS, on_change=self._changed)
 
     def _changed(self, key: str, value: Any) -> None:
         if value is None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from app import metrics
+from app import metrics, route
 from app.config import Settings
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
@@ -42,9 +42,6 @@ from app.smart import (
 )
 
 log = logging.getLogger(__name__)
-
-INVALID = "crm.events.invalid"
-DELIVERIES = "webhooks.deliveries"
 
 
 class FanOut:
@@ -99,12 +96,13 @@ class FanOut:
                 else:
                     d = Delivery.for_event(ev, ep, "async")
                     await self.slots.acquire()
-                    waits.append(self._spawn(self.outbox.publish(DELIVERIES, d.resource_key, d.encode())))
+                    topic = route.queue_for("async")
+                    waits.append(self._spawn(self.outbox.publish(topic, d.resource_key, d.encode())))
             self._ack_when_done(waits, ack)
         except Exception:
             # Never let an exception escape the agent loop (its offset would be skipped). This is a
             # bug path: park the record with the reason so it can be inspected and re-emitted.
-            log.exception("fan-out failed for a record; parking it in %s", INVALID)
+            log.exception("fan-out failed for a record; parking it in %s", route.INVALID)
             try:
                 await self._invalid(key, value, "internal_error", "see worker log")
             finally:
@@ -142,17 +140,8 @@ class FanOut:
 
     async def _invalid(self, key: bytes | None, value: bytes | None, reason: str, detail: str) -> None:
         metrics.INVALID_EVENTS.labels(reason=reason).inc()
-        rec = {
-            "reason": reason,
-            "detail": detail,
-            "key": None if key is None else key[:1000].decode("utf-8", "replace"),
-            # The raw value as text (invalid UTF-8 replaced), capped so the parked record always fits
-            # the topic's 1 MB limit: a control byte becomes a 6-byte \u escape (100 kB -> 600 kB).
-            "value": None if value is None else value[:100_000].decode("utf-8", "replace"),
-            "size": 0 if value is None else len(value),
-            "at": time.time(),
-        }
-        await self.outbox.publish(INVALID, key, orjson.dumps(rec))
+        rec = route.invalid_record(key, value, reason, detail)
+        await self.outbox.publish(route.INVALID, key, orjson.dumps(rec))
 
     # ---- smart -----------------------------------------------------------------------------------
     async def _flush(self, value: bytes | None) -> None:
@@ -179,7 +168,7 @@ class FanOut:
             if ep is None:
                 continue  # endpoint deleted: nothing to deliver, the item just leaves the table
             d = Delivery.for_event(event_of(entry), ep, "smart", collapsed=int(entry["count"]))
-            sends.append(self.outbox.publish(DELIVERIES, d.resource_key, d.encode()))
+            sends.append(self.outbox.publish(route.queue_for("smart"), d.resource_key, d.encode()))
         # Publish the batch together: one broker round trip (and linger) instead of one per item.
         results = iter(await asyncio.gather(*sends, return_exceptions=True))
         error: BaseException | None = None
@@ -220,7 +209,7 @@ class FanOut:
             for i in range(0, len(keys), MARKER_BATCH):
                 batch = keys[i : i + MARKER_BATCH]
                 await self.outbox.send(
-                    "crm.events",
+                    route.EVENTS,
                     batch[0].split("|", 1)[1],
                     marker_batch(batch),
                     partition=partition,

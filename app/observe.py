@@ -26,14 +26,13 @@ from typing import Any
 from aiokafka import TopicPartition
 from mode import Service
 
-from app import metrics
+from app import metrics, route
 from app.config import Settings
 from app.topic_tables import TopicTable, open_reader
 
 log = logging.getLogger(__name__)
 
-DLQ_TOPIC = "webhooks.dlq"
-FAUST_TOPICS = ("crm.events",)
+FAUST_TOPICS = (route.EVENTS,)
 LAG_INTERVAL = 1.0  # seconds between lag updates; a few cheap reads of consumer state
 
 
@@ -81,7 +80,7 @@ class DlqView(TopicTable):
     `fetch(ids)` reads whole entries from Kafka (the admin's show and replay)."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, DLQ_TOPIC, on_change=self._changed)
+        super().__init__(settings, route.DLQ, on_change=self._changed)
         self.started = asyncio.Event()
         self._reader: Any = None
         self._reader_lock = asyncio.Lock()
@@ -207,6 +206,6 @@ def install(app: Any, comps: Any) -> None:
             return
         try:
             await update_faust_lag(app, settings)
-            metrics.CONSUMER_LAG.labels(topic="webhooks.deliveries").set(comps.agent.lag)
+            metrics.CONSUMER_LAG.labels(topic=route.DELIVERIES).set(comps.agent.lag)
         except Exception as exc:  # observability must never take the worker down
             log.warning("consumer lag not updated: %r", exc)

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from app import route
 from app.config import Settings
 from app.events import build_event
 
@@ -89,7 +90,7 @@ class Producer:
     ) -> dict[str, Any]:
         """Produce one change event to `crm.events` (SPEC §3.1); returns the envelope."""
         key, value = build_event(event, resource_id, data, previous, **kw)
-        self.send("crm.events", key, value)
+        self.send(route.EVENTS, key, value)
         if flush:
             self.flush()
         return value

@@ -19,9 +19,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from app import metrics
+from app import metrics, route
 from app.config import Settings
-from app.delivery import Attempt, Delivery
+from app.delivery import Delivery
 from app.health import HEALTH, is_fatal
 from app.offsets import PartitionOffsets, until_finished
 
@@ -30,33 +30,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DLQ = "webhooks.dlq"
-
-
-def next_hop(settings: Settings, delivery: Delivery, attempt: Attempt | None) -> tuple[str, int | None]:
-    """(logical topic, tier index or None for the DLQ) for a delivery that did not succeed.
-
-    `delivery.failures` counts failed attempts since it entered the pipeline (or was replayed):
-    after failure n it waits in tier n; after failure len(schedule)+1 it is dead. A delivery that
-    was deferred without an attempt (failures == 0) waits in the first tier.
-    """
-    from app.config import TIER_TOPICS
-
-    if attempt is not None and attempt.outcome in ("gone", "forbidden"):
-        return DLQ, None  # the endpoint said so, or the SSRF guard refused it: a retry cannot help
-    tiers = len(settings.retry_schedule)
-    if delivery.failures > tiers:
-        return DLQ, None
-    index = max(delivery.failures, 1) - 1
-    return TIER_TOPICS[index], index
-
 
 class RetryTiers(ConsumerRebalanceListener):
     def __init__(self, settings: Settings, dispatcher: Dispatcher, max_tasks: int = 256) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
-        self.delays = dict(zip(settings.tier_topics(), settings.retry_schedule, strict=True))
-        self.index = {t: i for i, t in enumerate(settings.tier_topics())}
+        self.delays = dict(zip(route.tier_topics(settings), settings.retry_schedule, strict=True))
+        self.index = {t: i for i, t in enumerate(route.tier_topics(settings))}
         self.paused: dict[TopicPartition, float] = {}
         self.offsets: dict[TopicPartition, PartitionOffsets] = {}
         self.slots = asyncio.Semaphore(max_tasks)

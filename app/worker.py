@@ -19,7 +19,7 @@ from typing import Any
 import faust
 from mode import Service
 
-from app import metrics, observe
+from app import metrics, observe, route
 from app.config import Settings
 from app.delivery import HttpSender
 from app.delivery_agent import DeliveryAgent
@@ -122,7 +122,7 @@ class Components:
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Components]:
-    events_spec = spec("crm.events")
+    events_spec = spec(route.EVENTS)
     app = faust.App(
         settings.group_id,
         broker=f"kafka://{settings.bootstrap_servers}",
@@ -149,7 +149,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     )
     comps = Components(settings)
     os.makedirs(app.conf.datadir, exist_ok=True)
-    streams = {settings.topic("crm.events")}
+    streams = {settings.topic(route.EVENTS)}
     _reseek_after_flow_resume(app, streams)
     stalled_heads: dict[Any, int] = {}
 
@@ -161,7 +161,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
             log.exception("re-reading dropped records")
 
     events_topic = app.topic(
-        settings.topic("crm.events"),
+        settings.topic(route.EVENTS),
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import orjson
 
+from app import route
 from app.config import Settings
-from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.endpoints import Endpoint, create_endpoint
 from app.producer import Producer
 from app.topics import apply
@@ -243,9 +243,9 @@ def register(
     ep = create_endpoint(settings, url=url, events=events, mode=mode)
     if producer is None:
         with Producer(settings) as p:
-            p.send(ENDPOINTS_TOPIC, ep.id, ep.record())
+            p.send(route.ENDPOINTS, ep.id, ep.record())
     else:
-        producer.send(ENDPOINTS_TOPIC, ep.id, ep.record())
+        producer.send(route.ENDPOINTS, ep.id, ep.record())
     return ep
 
 

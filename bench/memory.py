@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import psutil
 
-from app.config import TIER_TOPICS
+from app import route
 from app.delivery import Delivery
 from app.events import build_event, parse_event
 from app.producer import Producer
@@ -89,7 +89,7 @@ def run(
         warm = 20
         rss: dict[str, float] = {}
         lag: dict[str, int | None] = {}
-        tier = TIER_TOPICS[0]
+        tier = route.TIERS[0]
         produced = 0
         with BenchWorker(s, name="memory", **env) as w, Producer(s) as p:
             for i in range(warm):

@@ -17,8 +17,9 @@ from click.testing import CliRunner, Result
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import route
 from app.config import Settings
-from app.endpoints import TOPIC, Endpoint, create_endpoint
+from app.endpoints import Endpoint, create_endpoint
 from app.netguard import parse_allowed_targets
 from app.producer import Producer
 from tests.receiver import Receiver, Reply, allowed_targets
@@ -31,7 +32,7 @@ def register(settings: Settings, receiver: Receiver, path: str, events: str, mod
     """An endpoint on the test receiver, written to the registry topic the way the CLI writes it."""
     ep = create_endpoint(with_receivers(settings), url=receiver.url(path), events=events, mode=mode)
     with Producer(settings) as p:
-        p.send(TOPIC, ep.id, ep.record())
+        p.send(route.ENDPOINTS, ep.id, ep.record())
     return ep
 
 
@@ -263,6 +264,6 @@ def produce_load(settings: Settings, endpoints: dict[str, Endpoint], rounds: int
             n += 1
         p.emit("lead.deleted", leads[0], {"id": leads[0]})  # to the endpoint that answers 410
         n += 1
-        p.send("crm.events", f"invoice:{invoices[0]}", b"{not json")
-        p.send("crm.events", f"invoice:{invoices[1]}", {"id": "evt_x", "event": "no.such_event"})
+        p.send(route.EVENTS, f"invoice:{invoices[0]}", b"{not json")
+        p.send(route.EVENTS, f"invoice:{invoices[1]}", {"id": "evt_x", "event": "no.such_event"})
     return Load(endpoints, invoices + leads, n, 2)

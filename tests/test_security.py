@@ -22,10 +22,10 @@ from aiohttp import web
 
 from app.config import Settings
 from app.delivery import Attempt, Delivery, HttpSender
-from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.endpoints import Endpoint, read_endpoints
 from app.events import ChangeEvent, build_event, parse_event
 from app.netguard import ForbiddenTarget, GuardedResolver, check_literal_host, forbidden_reason, validate_url
+from app.route import ENDPOINTS
 from app.signing import generate_secret
 from tests.helpers import delete_topics, settle
 from tests.receiver import Receiver, Reply
@@ -562,7 +562,7 @@ def test_secrets_never_appear_in_logs_metrics_listings_or_topics(stack) -> None:
     sinks["DLQ record"] = orjson.dumps(dlq_entry).decode()
     topics = topic_dump(s)
     # The control: the registry topic must hold the secrets (workers sign with them), and the dump finds them.
-    registry = topics.pop(s.topic(ENDPOINTS_TOPIC)).decode()
+    registry = topics.pop(s.topic(ENDPOINTS)).decode()
     assert all(secret in registry for secret in (ok["secret"], new_secret, bad["secret"]))
     for name, raw in topics.items():
         sinks[f"topic {name}"] = raw.decode("utf-8", "replace")

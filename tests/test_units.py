@@ -6,11 +6,11 @@ import email.utils
 
 import pytest
 
+from app import route
 from app.config import ConfigError, Settings, format_duration, parse_duration
-from app.delivery import Attempt, Delivery, parse_retry_after
+from app.delivery import Delivery, parse_retry_after
 from app.events import ChangeEvent
 from app.offsets import PartitionOffsets
-from app.retry import DLQ, next_hop
 from app.smart import add_event, due_at, event_of
 
 
@@ -28,24 +28,34 @@ def delivery(failures: int) -> Delivery:
     )
 
 
-def attempt(outcome: str) -> Attempt:
-    return Attempt(number=1, at=0.0, outcome=outcome, status=None, latency_ms=1.0)
-
-
-def test_next_hop_walks_the_eight_tiers_then_the_dlq() -> None:
+def test_failures_walk_the_eight_tiers_then_the_dlq() -> None:
     s = Settings()
-    hops = [next_hop(s, delivery(n), attempt("http_error")) for n in range(1, 10)]
-    assert [h[0] for h in hops[:8]] == [f"webhooks.retry.{x}" for x in "30s 1m 5m 15m 1h 6h 12h 24h".split()]
-    assert hops[8] == (DLQ, None)
-    assert next_hop(s, delivery(1), attempt("gone")) == (DLQ, None)
-    assert next_hop(s, delivery(0), None)[1] == 0  # deferred without an attempt: first tier
+    hops = [route.after_failure(s, n, "http_error") for n in range(1, 10)]
+    assert [h.topic for h in hops[:8]] == [f"webhooks.retry.{x}" for x in "30s 1m 5m 15m 1h 6h 12h 24h".split()]
+    assert [h.label for h in hops[:2]] == ["30s", "1m"]  # type: ignore[union-attr]
+    assert hops[8] == route.Dead("retries_exhausted")
+    assert route.after_failure(s, 1, "gone") == route.Dead("gone")
+    assert route.after_failure(s, 1, "forbidden") == route.Dead("forbidden_target")
+    # Deferred without an attempt (endpoint saturated): the first tier, or back into its own tier.
+    assert route.deferred(s, 0, None) == route.Tier(0)
+    assert route.deferred(s, 3, 2) == route.Defer(2)
 
 
 def test_shorter_schedule_uses_the_first_tiers() -> None:
     s = Settings.from_env({"WEBHOOKS_RETRY_SCHEDULE": "100ms,200ms"})
     assert s.retry_schedule == (0.1, 0.2)
-    assert next_hop(s, delivery(2), attempt("timeout")) == ("webhooks.retry.1m", 1)
-    assert next_hop(s, delivery(3), attempt("timeout")) == (DLQ, None)
+    assert route.after_failure(s, 2, "timeout") == route.Tier(1)
+    assert route.Tier(1).topic == "webhooks.retry.1m"
+    assert route.after_failure(s, 3, "timeout") == route.Dead("retries_exhausted")
+    assert route.tier_topics(s) == ["webhooks.retry.30s", "webhooks.retry.1m"]
+
+
+def test_before_attempt_parks_for_a_missing_or_disabled_endpoint_and_waits_out_retry_after() -> None:
+    assert route.before_attempt(None, None, None, 100.0) == route.Dead("endpoint_deleted")
+    assert route.before_attempt(False, None, 3, 100.0) == route.Dead("endpoint_disabled")
+    assert route.before_attempt(True, 200.0, 3, 100.0) == route.Defer(3)  # Retry-After not over yet
+    assert route.before_attempt(True, 200.0, None, 100.0) is None  # fresh: attempted
+    assert route.before_attempt(True, 50.0, 3, 100.0) is None
 
 
 def test_offsets_commit_only_the_finished_prefix() -> None:

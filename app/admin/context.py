@@ -8,10 +8,10 @@ import logging
 import time
 from typing import Any
 
+from app import route
 from app.admin.http import ApiError
 from app.attempt_log import AttemptLog
 from app.config import Settings
-from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.endpoints import Endpoint
 from app.outbox import PublishError
 
@@ -119,5 +119,5 @@ class AdminContext:
         return view
 
     async def store(self, ep_id: str, ep: Endpoint | None) -> None:
-        await self.acked(ENDPOINTS_TOPIC, ep_id, None if ep is None else self.registry.record(ep))
+        await self.acked(route.ENDPOINTS, ep_id, None if ep is None else self.registry.record(ep))
         self.registry.apply_local(ep, ep_id)

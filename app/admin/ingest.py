@@ -10,13 +10,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from app import route
 from app.admin.context import KAFKA_TIMEOUT, AdminContext
 from app.admin.http import ApiError, check_fields, json_response, read_body
 from app.catalog import load_catalog
 from app.events import InvalidEvent, build_event, parse_event
 from app.outbox import PublishError
 
-EVENTS_TOPIC = "crm.events"
 MAX_BATCH_ITEMS = 500  # events per batch; the body's bytes are bounded by WEBHOOKS_MAX_EVENT_BYTES
 _EVENT_FIELDS: dict[str, tuple[type, ...]] = {
     "event": (str,),
@@ -59,7 +59,7 @@ class IngestRoutes:
         if not isinstance(doc, dict):
             raise ApiError(400, f"body: expected a JSON object or an array, got {type(doc).__name__}")
         key, raw, value = prepare_event(doc, limit)
-        await self.ctx.acked(EVENTS_TOPIC, key, raw)
+        await self.ctx.acked(route.EVENTS, key, raw)
         return json_response({"id": value["id"], "event": value["event"], "key": key}, 202)
 
 
@@ -115,7 +115,7 @@ async def ingest_batch(outbox: Any, items: list[Any], limit: int) -> dict[str, A
         results.append(row)
         if queue_failed is None:
             try:
-                fut = await asyncio.wait_for(outbox.send(EVENTS_TOPIC, key, raw), KAFKA_TIMEOUT)
+                fut = await asyncio.wait_for(outbox.send(route.EVENTS, key, raw), KAFKA_TIMEOUT)
             except (TimeoutError, OSError, PublishError) as exc:
                 queue_failed = f"Kafka did not take the event ({type(exc).__name__}); send it again"
             else:

@@ -1,0 +1,186 @@
+"""The route: every topic name, and every decision about where a record goes next.
+
+Topic names are logical (SPEC §3.3, declared in topics.yaml); `Settings.topic()` puts the install's
+WEBHOOKS_TOPIC_PREFIX in front. No other module spells one. The life of a record:
+
+    crm.events ─ bad input ─────────────────────────────► INVALID      invalid_record()
+        │ one delivery per matching endpoint, by mode:
+        │   immediate: attempted in the fan-out; smart: the pending table, then queue_for("smart");
+        │   async: queue_for("async")
+        ▼
+    before_attempt(): Dead(endpoint_deleted | endpoint_disabled) | Defer(tier) | attempt
+    attempt ─ 2xx ─► Done
+            ─ else ► after_failure(): Tier(n) (a retry scheduled) | Dead(gone | forbidden_target | retries_exhausted)
+    endpoint saturated ─► deferred(): Defer(tier) | Tier(n)
+    Dead(reason) ─► DLQ                                          dead_record(), unreadable_record()
+    replay ─► queue_for("async") and a tombstone on DLQ          replay_record()
+
+The outcome types name where a delivery goes; the Dispatcher (app/dispatch.py) carries them out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import DEFAULT_RETRY_SCHEDULE, Settings
+
+# ---- topics (logical names) -----------------------------------------------------------------------
+EVENTS = "crm.events"  # input change events, keyed "<resource>:<id>"; smart flush markers too
+INVALID = "crm.events.invalid"  # bad input, parked with its reason
+ENDPOINTS = "webhooks.endpoints"  # the endpoint registry (compacted)
+DELIVERIES = "webhooks.deliveries"  # async and smart deliveries, and DLQ replays
+ATTEMPTS = "webhooks.attempts"  # one record per HTTP attempt (observability)
+DLQ = "webhooks.dlq"  # dead deliveries (compacted, keyed by delivery id)
+# Tier topic names are public contracts and fixed by position: a shortened schedule (tests use
+# 200 ms tiers) changes how long each tier waits, never what the topics are called.
+TIERS = tuple(f"webhooks.retry.{x}" for x in DEFAULT_RETRY_SCHEDULE.split(","))
+TIER_PREFIX = "webhooks.retry."
+
+_QUEUES = {"async": DELIVERIES, "smart": DELIVERIES}
+
+
+def queue_for(mode: str) -> str:
+    """The topic a delivery of this mode waits in for its first attempt (immediate has none)."""
+    return _QUEUES[mode]
+
+
+def tier_topics(settings: Settings) -> list[str]:
+    """Full names of the tier topics in use, in order, one per configured delay."""
+    return [settings.topic(name) for name in TIERS[: len(settings.retry_schedule)]]
+
+
+# ---- where a delivery goes next -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Delivered: nothing more to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A retry scheduled: wait in tier `index` (0-based), then try again."""
+
+    index: int
+
+    @property
+    def topic(self) -> str:
+        return TIERS[self.index]
+
+    @property
+    def label(self) -> str:
+        """The tier's metric label: "30s", "1m", ..."""
+        return self.topic.removeprefix(TIER_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Back into tier `index` without an attempt (not due yet, or its endpoint is saturated)."""
+
+    index: int
+
+    @property
+    def topic(self) -> str:
+        return TIERS[self.index]
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """Parked in the DLQ: gone | forbidden_target | retries_exhausted | endpoint_deleted |
+    endpoint_disabled | unreadable."""
+
+    reason: str
+    topic = DLQ
+
+
+Next = Done | Tier | Defer | Dead
+# Outcomes that park a delivery at once, with their DLQ reason (SPEC: dlq_reason).
+_DEAD_AT_ONCE = {"gone": "gone", "forbidden": "forbidden_target"}
+DONE = Done()
+
+
+def before_attempt(enabled: bool | None, not_before: float | None, tier: int | None, now: float) -> Next | None:
+    """Where a delivery goes instead of an attempt, or None to attempt it.
+
+    `enabled` is None for an endpoint that no longer exists. A delivery in a tier whose Retry-After
+    (`not_before`) asked for more time than the tier gave waits another round in the same tier.
+    """
+    if enabled is None:
+        return Dead("endpoint_deleted")
+    if not enabled:
+        return Dead("endpoint_disabled")
+    if not_before and now < not_before and tier is not None:
+        return Defer(tier)
+    return None
+
+
+def after_failure(settings: Settings, failures: int, outcome: str) -> Tier | Dead:
+    """Where a delivery goes after a failed attempt; `failures` already counts this one.
+
+    After failure n it waits in tier n; after failure len(schedule)+1 it is dead. 410 Gone and a
+    target the SSRF guard refused are dead at once.
+    """
+    if outcome in _DEAD_AT_ONCE:  # the endpoint said so, or the SSRF guard refused it: a retry cannot help
+        return Dead(_DEAD_AT_ONCE[outcome])
+    return _tier_for(settings, failures)
+
+
+def deferred(settings: Settings, failures: int, tier: int | None) -> Tier | Defer | Dead:
+    """Where a delivery goes that is not attempted now because its endpoint is saturated: back into
+    its own tier, or (not in a tier yet) into the tier its failures point to (the first, normally)."""
+    if tier is not None:
+        return Defer(tier)
+    return _tier_for(settings, failures)
+
+
+def _tier_for(settings: Settings, failures: int) -> Tier | Dead:
+    if failures > len(settings.retry_schedule):
+        return Dead("retries_exhausted")
+    return Tier(max(failures, 1) - 1)
+
+
+# ---- parked and replayed records ------------------------------------------------------------------
+def dead_record(delivery: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The DLQ entry of a delivery (its `record()`), keyed by its id."""
+    return {**delivery, "dlq_reason": reason, "dead_at": time.time()}
+
+
+def unreadable_record(key: bytes | None, value: bytes | None, error: str) -> dict[str, Any]:
+    """The DLQ entry of a record we cannot even decode: it still goes to the DLQ, never nowhere."""
+    return {
+        "id": (key or b"unknown").decode("utf-8", "replace"),
+        "dlq_reason": "unreadable",
+        "error": error[:300],
+        "raw": (value or b"")[:100_000].decode("utf-8", "replace"),
+        "dead_at": time.time(),
+    }
+
+
+def invalid_record(key: bytes | None, value: bytes | None, reason: str, detail: str) -> dict[str, Any]:
+    """Bad input parked on INVALID (same key) with its reason."""
+    return {
+        "reason": reason,
+        "detail": detail,
+        "key": None if key is None else key[:1000].decode("utf-8", "replace"),
+        # The raw value as text (invalid UTF-8 replaced), capped so the parked record always fits
+        # the topic's 1 MB limit: a control byte becomes a 6-byte \u escape (100 kB -> 600 kB).
+        "value": None if value is None else value[:100_000].decode("utf-8", "replace"),
+        "size": 0 if value is None else len(value),
+        "at": time.time(),
+    }
+
+
+def replay_record(entry: dict[str, Any]) -> dict[str, Any]:
+    """A DLQ entry's delivery to publish again on DELIVERIES: same id and history, retries reset, no
+    Retry-After wait. After it is acknowledged the entry gets a tombstone on DLQ."""
+    rec = {k: v for k, v in entry.items() if k not in ("dlq_reason", "dead_at")}
+    rec["failures"] = 0
+    rec["not_before"] = None
+    rec["replays"] = int(entry.get("replays") or 0) + 1
+    rec["replayed_at"] = time.time()
+    return rec
+
+
+def replay_key(entry: dict[str, Any]) -> str:
+    """A replayed delivery keeps its resource's key, so it stays in order with that resource."""
+    return str(entry.get("resource_key") or entry["id"])
