@@ -208,6 +208,12 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
             "WEBHOOKS_ADMIN_INSECURE=true for a local worker whose admin API listens on loopback only"
         )
     s.check_serving()  # weak or placeholder tokens, a non-loopback host in insecure mode, a bad key
+    from app.faust_guard import FaustGuardError, check_version
+
+    try:
+        check_version()  # the Faust workarounds' release, before anything contacts Kafka
+    except FaustGuardError as exc:
+        raise UserError(str(exc)) from exc
     from app.topics import apply, check_live_sizes, resolve_replication
     from app.worker import run_worker  # after the checks: Faust takes seconds to import
 
@@ -217,7 +223,10 @@ def worker(loglevel: str, web_port: int | None, apply_topics: bool) -> None:
     check_live_sizes(s)  # topics too small for WEBHOOKS_MAX_EVENT_BYTES: refuse to start
     # Faust creates its own topics only when missing (apply declares them); same factor either way.
     s = dataclasses.replace(s, replication_factor=resolve_replication(s))
-    run_worker(s, loglevel=loglevel)
+    try:
+        run_worker(s, loglevel=loglevel)
+    except FaustGuardError as exc:  # raised before the worker starts anything
+        raise UserError(str(exc)) from exc
 
 
 # ---- endpoints ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from mode import Service
 
-from app import metrics, route
+from app import faust_guard, metrics, route
 from app.config import Settings
 from app.topic_tables import TopicTable, open_reader
 
@@ -157,9 +157,6 @@ async def update_faust_lag(app: Any, settings: Settings) -> dict[str, int]:
     names = {settings.topic(t): t for t in FAUST_TOPICS}
     totals = dict.fromkeys(FAUST_TOPICS, 0)
     consumer = app.consumer
-    # Faust's own record of what it committed per partition (None until it committed or read a
-    # commit); there is no public accessor, and asking the broker every second would be wasteful.
-    committed_map = getattr(consumer, "_committed_offset", {})
     tps = [tp for tp in consumer.assignment() if tp.topic in names]  # not changelogs
     if tps:
         # End offsets from the broker: a paused partition's fetch highwater goes stale.
@@ -170,7 +167,8 @@ async def update_faust_lag(app: Any, settings: Settings) -> dict[str, int]:
         high = ends.get(tp)
         if high is None:
             continue
-        done = committed_map.get(tp)
+        # Faust's own record of its commits (asking the broker every second would be wasteful).
+        done = faust_guard.committed_offset(consumer, tp)
         if done is None:
             try:
                 done = await asyncio.wait_for(consumer.position(tp), 1.0)

@@ -2,7 +2,8 @@
 
 Faust runs the fan-out agent on `crm.events` and the changelogged smart table it shares partitions
 with. The agent runs at concurrency=1 (Faust #606) and gets its parallelism from concurrent work
-inside it, acking each record only when that work is safe. The delivery agent on
+inside it, acking each record only when that work is safe; app/faust_guard.py holds the
+workarounds of Faust's own bugs and refuses to start on a Faust they were not written for. The delivery agent on
 `webhooks.deliveries` (the async hot path) is a librdkafka consumer of its own (app/delivery_agent.py);
 the retry tiers use their own aiokafka consumer (pause/seek/resume); the endpoint registry is a topic
 view every worker follows; the admin web is a plain aiohttp app.
@@ -19,7 +20,7 @@ from typing import Any
 import faust
 from mode import Service
 
-from app import metrics, observe, route
+from app import faust_guard, metrics, observe, route
 from app.config import Settings
 from app.delivery import HttpSender
 from app.delivery_agent import DeliveryAgent
@@ -149,16 +150,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     )
     comps = Components(settings)
     os.makedirs(app.conf.datadir, exist_ok=True)
-    streams = {settings.topic(route.EVENTS)}
-    _reseek_after_flow_resume(app, streams)
-    stalled_heads: dict[Any, int] = {}
-
-    @app.timer(2.0)
-    async def reread_dropped_heads() -> None:
-        try:
-            _reread_dropped_heads(app, streams, stalled_heads)
-        except Exception:  # a safety net must not become a failure of its own
-            log.exception("re-reading dropped records")
+    # Faust loses records around rebalances: the workarounds, checked against the installed Faust.
+    faust_guard.install(app, {settings.topic(route.EVENTS)})
 
     events_topic = app.topic(
         settings.topic(route.EVENTS),
@@ -210,125 +203,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     observe.install(app, comps)  # DLQ view (comps.dlq_view), webhooks_dlq_size, Faust consumer lag
     comps.faust_app = app
     return app, comps
-
-
-def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
-    """Work around Faust races that lose input records on rebalances (faust-streaming #596).
-
-    1. While a rebalance suspends the flow, Faust drops records it fetches (those in the agents'
-       queues when flow control clears them, and one being handed over when the flow stops),
-       although their read offsets are recorded; the next record is then taken for a gap whose
-       offsets count as acked. 2. Faust's commit (`Consumer._new_offset`) tolerates exactly one
-       missing record at the head: with the committed offset at N and N+1, N+2... acked, it commits
-       past N though N was never acked (dropped, or still in flight in our concurrent agent: a
-       rebalance commits while it waits for in-flight records). tests/test_scale.py lost 1 to 14
-       events per scale-out to these. So: commits never move past a record that was not acked
-       (`_commit_only_acked`; for a partition never committed, the head is its earliest offset;
-       Faust's gaps are discarded, our input topics being neither compacted nor transactional);
-       when flow control has cleared the queues, each stream partition is sought back to its first
-       record that was still queued; and a head record that is nowhere in the worker while later
-       ones are acked is read again (`_reread_dropped_heads`, every 2 s). Records read again are
-       processed twice (at-least-once, same delivery ids).
-    """
-    _commit_only_acked(streams)
-    flow = app.flow_control
-    resume = flow.resume
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def seek_back(queued: dict[Any, int]) -> None:
-        consumer = app.consumer
-        for tp in list(consumer.assignment()):
-            if tp.topic in streams and consumer._committed_offset.get(tp) is None:
-                # Never committed (a new group): reading started at the earliest offset, so that
-                # is the head the commit guard below must see acked first.
-                try:
-                    earliest = await consumer.earliest_offsets(tp)
-                    # Only if still unset: a commit made while we awaited is newer, and setting it
-                    # back would stall commits on tp (lag stuck, and the head re-read later).
-                    if consumer._committed_offset.get(tp) is None:  # (a defaultdict: no setdefault)
-                        consumer._committed_offset[tp] = earliest[tp]
-                except Exception as exc:
-                    log.info("earliest offset of %s unknown: %r", tp, exc)
-        for tp, offset in queued.items():
-            try:
-                if tp in consumer.assignment():
-                    await consumer.seek(tp, offset)
-                    consumer._gap.pop(tp, None)
-            except Exception as exc:  # revoked meanwhile: its next owner starts at the commit
-                log.info("re-seek of %s to %s skipped: %r", tp, offset, exc)
-        if queued:
-            log.info(
-                "re-reading records a queue clear dropped: %s",
-                {f"{tp.topic}:{tp.partition}": o for tp, o in queued.items()},
-            )
-
-    def resume_without_losing() -> None:
-        queued: dict[Any, int] = {}
-        generation = app.consumer_generation_id
-        for queue in list(flow._queues):
-            for item in list(queue._queue):  # type: ignore[attr-defined]
-                msg = getattr(item, "message", None)
-                if msg is None or msg.topic not in streams or msg.generation_id != generation:
-                    continue
-                queued[msg.tp] = min(queued.get(msg.tp, msg.offset), msg.offset)
-        resume()
-        task = asyncio.ensure_future(seek_back(queued))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    flow.resume = resume_without_losing  # type: ignore[method-assign]
-
-
-def _commit_only_acked(streams: set[str]) -> None:
-    """Make Faust's commit stop at the first record not acked (see _reseek_after_flow_resume).
-
-    For our stream topics Faust's "gaps" (offset ranges it counts as acked because it never saw
-    them) are never real: they are neither compacted nor transactional, so a gap only comes from a
-    record Faust dropped. They are discarded instead of committed past.
-    """
-    from faust.transport.consumer import Consumer
-
-    original = Consumer._new_offset
-    if getattr(original, "only_acked", False):
-        return
-
-    def _new_offset(self: Any, tp: Any) -> int | None:
-        if tp.topic in streams:
-            self._gap.pop(tp, None)
-            committed = self._committed_offset.get(tp)
-            acked = self._acked.get(tp)
-            if acked and committed is not None and min(acked) > committed:
-                return None  # the record at `committed` is not done yet: nothing to commit
-        return original(self, tp)  # type: ignore[no-any-return]
-
-    _new_offset.only_acked = True  # type: ignore[attr-defined]
-    Consumer._new_offset = _new_offset  # type: ignore[method-assign]
-
-
-def _reread_dropped_heads(app: faust.App, streams: set[str], stalled: dict[Any, int]) -> None:
-    """Timer body: a stream partition whose head record (the committed offset) is neither acked nor
-    anywhere in the worker while later records are acked was dropped by Faust; after two ticks in
-    that state, seek back to it so it is read again (the records after it are read twice)."""
-    consumer = app.consumer
-    in_flight = {(m.tp, m.offset) for m in list(consumer._unacked_messages)}
-    seen: set[Any] = set()
-    for tp in list(consumer.assignment()):
-        if tp.topic not in streams:
-            continue
-        committed = consumer._committed_offset.get(tp)
-        acked = consumer._acked.get(tp)
-        if committed is None or not acked or min(acked) <= committed or (tp, committed) in in_flight:
-            continue
-        seen.add(tp)
-        if stalled.get(tp) != committed:
-            stalled[tp] = committed  # first sighting: it may still be on its way to the agent
-            continue
-        task = asyncio.ensure_future(consumer.seek(tp, committed))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        log.info("re-reading %s:%s from %s: its head record was dropped", tp.topic, tp.partition, committed)
-        del stalled[tp]
-    for tp in set(stalled) - seen:
-        del stalled[tp]
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

@@ -1,0 +1,218 @@
+"""Every workaround of a Faust bug, and the start-up check that they still fit the installed Faust.
+
+The fan-out agent runs on faust-streaming, which loses input records around rebalances and commits
+past records that are not done. tests/test_scale.py lost 1 to 14 events per scale-out to these
+before the workarounds below. Each touches Faust internals, so each is written for exactly one
+faust-streaming release (`WRITTEN_FOR`, pinned in pyproject.toml; tests/test_faust_guard.py fails
+when the pin moves): `install` first checks that release and every private it uses (`PRIVATES`), and
+refuses to start the worker otherwise, instead of raising inside Faust's rebalance later.
+
+- `_commit_only_acked` (faust-streaming #606, "Wrong offset commit in case of gaps"):
+  `Consumer._new_offset` tolerates exactly one missing record at the head of a partition: with the
+  committed offset at N and N+1, N+2... acked it commits past N, though N was never acked (dropped,
+  or still in flight in our concurrent agent: a rebalance commits while it waits for in-flight
+  records). Patched process-wide: for our stream topics a commit stops at the first record not
+  acked, and Faust's "gaps" (offsets it counts as acked because it never saw them) are discarded,
+  our input topics being neither compacted nor transactional; a gap there is a dropped record.
+- `_reseek_after_flow_resume` (faust-streaming #596, records dropped on rebalance): while a
+  rebalance suspends the flow, Faust drops the records queued for the agents (flow control clears
+  the queues) and one being handed over when the flow stops, though their read offsets are
+  recorded. When the flow resumes, each stream partition is sought back to its first record that
+  was still queued; a partition never committed gets its earliest offset as the head the commit
+  guard must see acked first.
+- `_reread_dropped_heads` (#596 again, the record being handed over): a stream partition whose head
+  record (the committed offset) is neither acked nor anywhere in the worker while later records
+  are acked is read again from its head, after two 2-second ticks in that state.
+
+Records read again are processed twice (at-least-once, same delivery ids). `committed_offset` reads
+Faust's own record of its commits for the lag gauge: there is no public accessor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Faust takes seconds to import: the CLI checks the version before it does
+    import faust
+
+log = logging.getLogger("perfex_webhooks")
+
+WRITTEN_FOR = "0.15.3"  # the faust-streaming release these workarounds were written against
+REREAD_INTERVAL = 2.0  # seconds between looks for a dropped head record
+
+# Every private the workarounds use, where it lives: (owner, attribute).
+PRIVATES = (
+    ("faust.transport.consumer.Consumer", "_new_offset"),
+    ("app.consumer", "_committed_offset"),
+    ("app.consumer", "_gap"),
+    ("app.consumer", "_acked"),
+    ("app.consumer", "_unacked_messages"),
+    ("app.flow_control", "_queues"),
+    ("app.flow_control", "resume"),
+    ("asyncio.Queue()", "_queue"),  # FlowControlQueue's items
+    ("app", "consumer_generation_id"),
+    ("faust.types.tuples.Message", "generation_id"),
+)
+
+
+class FaustGuardError(RuntimeError):
+    """The installed Faust is not the one the workarounds were written for; the message says why."""
+
+
+def installed_version() -> str:
+    return version("faust-streaming")
+
+
+def check_version() -> None:
+    """Refuse (FaustGuardError, one line) unless the installed faust-streaming is WRITTEN_FOR."""
+    found = installed_version()
+    if found != WRITTEN_FOR:
+        raise FaustGuardError(
+            f"faust-streaming {found} is installed, but the Faust workarounds in app/faust_guard.py "
+            f"were written for {WRITTEN_FOR}: install {WRITTEN_FOR}, or revisit them for {found}"
+        )
+
+
+def check(app: faust.App) -> None:
+    """check_version, then refuse unless Faust has every private the workarounds use."""
+    from faust.transport.consumer import Consumer
+    from faust.types.tuples import Message
+
+    check_version()
+    found = installed_version()
+    owners: dict[str, Callable[[], Any]] = {
+        "faust.transport.consumer.Consumer": lambda: Consumer,
+        "app.consumer": lambda: app.consumer,
+        "app.flow_control": lambda: app.flow_control,
+        "asyncio.Queue()": asyncio.Queue,
+        "app": lambda: app,
+        "faust.types.tuples.Message": lambda: Message,
+    }
+    missing = [f"{owner}.{attr}" for owner, attr in PRIVATES if not hasattr(owners[owner](), attr)]
+    if missing:
+        raise FaustGuardError(
+            f"faust-streaming {found} lacks {', '.join(missing)}, which the Faust workarounds in "
+            "app/faust_guard.py rely on: revisit them before starting a worker"
+        )
+
+
+def install(app: faust.App, streams: set[str]) -> None:
+    """Check the installed Faust, then put every workaround in place for these stream topics."""
+    check(app)
+    _commit_only_acked(streams)
+    _reseek_after_flow_resume(app, streams)
+    stalled: dict[Any, int] = {}
+
+    @app.timer(REREAD_INTERVAL)
+    async def reread_dropped_heads() -> None:
+        try:
+            _reread_dropped_heads(app, streams, stalled)
+        except Exception:  # a safety net must not become a failure of its own
+            log.exception("re-reading dropped records")
+
+
+def committed_offset(consumer: Any, tp: Any) -> int | None:
+    """The offset Faust last committed (or read as committed) for `tp`; None before either."""
+    committed: int | None = consumer._committed_offset.get(tp)
+    return committed
+
+
+# ---- the workarounds ----------------------------------------------------------------------------
+def _commit_only_acked(streams: set[str]) -> None:
+    """faust-streaming #606: Faust's commit stops at the first record of a stream topic not acked."""
+    from faust.transport.consumer import Consumer
+
+    original = Consumer._new_offset
+    if getattr(original, "only_acked", False):
+        return
+
+    def _new_offset(self: Any, tp: Any) -> int | None:
+        if tp.topic in streams:
+            self._gap.pop(tp, None)
+            committed = self._committed_offset.get(tp)
+            acked = self._acked.get(tp)
+            if acked and committed is not None and min(acked) > committed:
+                return None  # the record at `committed` is not done yet: nothing to commit
+        return original(self, tp)  # type: ignore[no-any-return]
+
+    _new_offset.only_acked = True  # type: ignore[attr-defined]
+    Consumer._new_offset = _new_offset  # type: ignore[method-assign]
+
+
+def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
+    """faust-streaming #596: re-read the records a flow-control queue clear dropped."""
+    flow = app.flow_control
+    resume = flow.resume
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def seek_back(queued: dict[Any, int]) -> None:
+        consumer = app.consumer
+        for tp in list(consumer.assignment()):
+            if tp.topic in streams and consumer._committed_offset.get(tp) is None:
+                # Never committed (a new group): reading started at the earliest offset, so that
+                # is the head the commit guard must see acked first.
+                try:
+                    earliest = await consumer.earliest_offsets(tp)
+                    # Only if still unset: a commit made while we awaited is newer, and setting it
+                    # back would stall commits on tp (lag stuck, and the head re-read later).
+                    if consumer._committed_offset.get(tp) is None:  # (a defaultdict: no setdefault)
+                        consumer._committed_offset[tp] = earliest[tp]
+                except Exception as exc:
+                    log.info("earliest offset of %s unknown: %r", tp, exc)
+        for tp, offset in queued.items():
+            try:
+                if tp in consumer.assignment():
+                    await consumer.seek(tp, offset)
+                    consumer._gap.pop(tp, None)
+            except Exception as exc:  # revoked meanwhile: its next owner starts at the commit
+                log.info("re-seek of %s to %s skipped: %r", tp, offset, exc)
+        if queued:
+            log.info(
+                "re-reading records a queue clear dropped: %s",
+                {f"{tp.topic}:{tp.partition}": o for tp, o in queued.items()},
+            )
+
+    def resume_without_losing() -> None:
+        queued: dict[Any, int] = {}
+        generation = app.consumer_generation_id
+        for queue in list(flow._queues):
+            for item in list(queue._queue):  # type: ignore[attr-defined]
+                msg = getattr(item, "message", None)
+                if msg is None or msg.topic not in streams or msg.generation_id != generation:
+                    continue
+                queued[msg.tp] = min(queued.get(msg.tp, msg.offset), msg.offset)
+        resume()
+        task = asyncio.ensure_future(seek_back(queued))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    flow.resume = resume_without_losing  # type: ignore[method-assign]
+
+
+def _reread_dropped_heads(app: faust.App, streams: set[str], stalled: dict[Any, int]) -> None:
+    """faust-streaming #596, timer body: seek back to a head record that was dropped in a hand-over
+    (neither acked nor in the worker while later records are acked, two ticks running)."""
+    consumer = app.consumer
+    in_flight = {(m.tp, m.offset) for m in list(consumer._unacked_messages)}
+    seen: set[Any] = set()
+    for tp in list(consumer.assignment()):
+        if tp.topic not in streams:
+            continue
+        committed = consumer._committed_offset.get(tp)
+        acked = consumer._acked.get(tp)
+        if committed is None or not acked or min(acked) <= committed or (tp, committed) in in_flight:
+            continue
+        seen.add(tp)
+        if stalled.get(tp) != committed:
+            stalled[tp] = committed  # first sighting: it may still be on its way to the agent
+            continue
+        task = asyncio.ensure_future(consumer.seek(tp, committed))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        log.info("re-reading %s:%s from %s: its head record was dropped", tp.topic, tp.partition, committed)
+        del stalled[tp]
+    for tp in set(stalled) - seen:
+        del stalled[tp]
