@@ -76,16 +76,6 @@ def parse_duration(text: str, name: str = "duration") -> float:
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
-def format_duration(seconds: float) -> str:
-    """Short human label used in tier topic names: 30 -> '30s', 60 -> '1m', 0.2 -> '200ms'."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
 def _bool(text: str | None, default: bool) -> bool:
     if text is None or text == "":
         return default

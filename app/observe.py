@@ -7,8 +7,9 @@
 - `update_faust_lag` sets `webhooks_consumer_lag{topic}` for `crm.events`, the topic Faust
   consumes: end offset minus committed offset (the fetch position until this group has committed
   anything), summed over the partitions this worker is assigned. Workers own disjoint partitions,
-  so `sum by (topic)` over workers is the group's lag. The delivery agent (app/delivery_agent.py)
-  measures the same for `webhooks.deliveries`, and the retry tiers for the tier topics (app/retry.py).
+  so `sum by (topic)` over workers is the group's lag. The delivery agent (app/consumers/deliveries.py)
+  measures the same for `webhooks.deliveries`, and the retry tiers for the tier topics
+  (app/consumers/), all with `app.offsets.lag`.
 
 Topic label values are logical names (no WEBHOOKS_TOPIC_PREFIX): a bounded set that dashboards
 can name.
@@ -28,6 +29,7 @@ from mode import Service
 
 from app import faust_guard, metrics, route
 from app.config import Settings
+from app.offsets import lag
 from app.topic_tables import TopicTable, open_reader
 
 log = logging.getLogger(__name__)
@@ -168,17 +170,16 @@ async def update_faust_lag(app: Any, settings: Settings) -> dict[str, int]:
         if high is None:
             continue
         # Faust's own record of its commits (asking the broker every second would be wasteful).
-        done = faust_guard.committed_offset(consumer, tp)
-        if done is None:
+        committed = faust_guard.committed_offset(consumer, tp)
+        position = None
+        if committed is None:
             try:
-                done = await asyncio.wait_for(consumer.position(tp), 1.0)
+                position = await asyncio.wait_for(consumer.position(tp), 1.0)
             except Exception:
                 continue
-            if done is None:
-                continue
-        totals[names[tp.topic]] += max(0, int(high) - int(done))
-    for logical, lag in totals.items():
-        metrics.CONSUMER_LAG.labels(topic=logical).set(lag)
+        totals[names[tp.topic]] += lag(high, committed, position) or 0
+    for logical, total in totals.items():
+        metrics.CONSUMER_LAG.labels(topic=logical).set(total)
     return totals
 
 

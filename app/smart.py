@@ -62,12 +62,6 @@ def event_of(entry: dict[str, Any]) -> ChangeEvent:
     )
 
 
-def marker(key: str) -> bytes:
-    import orjson
-
-    return orjson.dumps({"marker": "smart_flush", "key": key})
-
-
 # Items per flush marker: the fan-out publishes a marker's deliveries together and waits for one
 # broker acknowledgement instead of one per item (a 10k-resource burst drained ~7x faster).
 MARKER_BATCH = 500

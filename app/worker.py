@@ -3,10 +3,10 @@
 Faust runs the fan-out agent on `crm.events` and the changelogged smart table it shares partitions
 with. The agent runs at concurrency=1 (Faust #606) and gets its parallelism from concurrent work
 inside it, acking each record only when that work is safe; app/faust_guard.py holds the
-workarounds of Faust's own bugs and refuses to start on a Faust they were not written for. The delivery agent on
-`webhooks.deliveries` (the async hot path) is a librdkafka consumer of its own (app/delivery_agent.py);
-the retry tiers use their own aiokafka consumer (pause/seek/resume); the endpoint registry is a topic
-view every worker follows; the admin web is a plain aiohttp app.
+workarounds of Faust's own bugs and refuses to start on a Faust they were not written for. The
+delivery agent on `webhooks.deliveries` (the async hot path, librdkafka) and the retry tiers
+(aiokafka, pause/seek/resume) are consumers of their own (app/consumers/); the endpoint registry
+is a topic view every worker follows; the admin web is a plain aiohttp app.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from mode import Service
 
 from app import faust_guard, metrics, observe, route
 from app.config import Settings
+from app.consumers.deliveries import DeliveryAgent
+from app.consumers.tiers import RetryTiers
 from app.delivery import HttpSender
-from app.delivery_agent import DeliveryAgent
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.fanout import FanOut
 from app.health import EXIT_FAILED, HEALTH, STOP_AFTER, exit_on_failure
 from app.logfilter import quiet_repeats
 from app.outbox import Outbox
-from app.retry import RetryTiers
 from app.stop_budget import start_watchdog
 from app.topics import largest_record_bytes, spec
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
+from app.consumers.deliveries import DeliveryAgent
 from app.delivery import Delivery, HttpSender
-from app.delivery_agent import DeliveryAgent
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import build_event, parse_event
@@ -72,7 +72,7 @@ async def _run_dispatcher(settings: Any, deliveries: list[Delivery], lanes: int,
 
 
 async def _run_agent(settings: Any, n: int, rx: ReceiverProcess, path: str) -> float:
-    """The same Dispatcher fed by the worker's delivery agent (app/delivery_agent.py: librdkafka
+    """The same Dispatcher fed by the worker's delivery agent (app/consumers/deliveries.py: librdkafka
     consumer, offset bookkeeping, commits), without Faust: CPU of this whole process, librdkafka's
     threads included, until the receiver has all `n`."""
     outbox, sender = Outbox(settings), HttpSender(settings)

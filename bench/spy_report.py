@@ -18,7 +18,7 @@ COMPONENTS = (
     ("aiokafka producer (Outbox)", ("aiokafka/producer",)),
     (
         "aiokafka consumers in the loop (tiers, registry/DLQ/attempt views)",
-        ("aiokafka/", "app/topic_tables", "app/attempt_log", "app/retry", "app/observe"),
+        ("aiokafka/", "app/topic_tables", "app/attempt_log", "app/consumers/tiers", "app/observe"),
     ),
     ("signing (app/signing, hmac)", ("app/signing", "hmac.py")),
     ("input gate, delivery records (app/events, app/delivery, orjson)", ("app/events", "app/delivery")),

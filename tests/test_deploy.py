@@ -205,7 +205,7 @@ def test_keda_scales_on_the_apps_consumer_groups() -> None:
         meta = trig["metadata"]
         assert meta["bootstrapServers"] == settings.bootstrap_servers
         logical = meta["topic"].removeprefix(settings.topic_prefix)
-        # The group that consumes the topic: Faust's for crm.events, the delivery agent's (app/delivery_agent.py) for webhooks.deliveries.
+        # The group that consumes the topic: Faust's for crm.events, the delivery agent's (app/consumers/deliveries.py) for webhooks.deliveries.
         group = settings.group_id + (".deliveries" if logical == "webhooks.deliveries" else "")
         assert meta["consumerGroup"] == group, logical
         assert logical in partitions, meta["topic"]

@@ -1,5 +1,5 @@
 """The worker's own librdkafka clients against the real broker: the producer (app/outbox.py) and
-the delivery agent's offsets (app/delivery_agent.py). End to end they are exercised by every
+the delivery agent's offsets (app/consumers/deliveries.py). End to end they are exercised by every
 delivery test; these pin down what those cannot see: what is committed while a record is still
 in flight, and how a record the broker refuses is reported."""
 
@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.config import Settings
+from app.consumers.deliveries import DeliveryAgent
 from app.delivery import Delivery
-from app.delivery_agent import DeliveryAgent
 from app.outbox import Outbox, PublishError
 from app.topics import apply
 

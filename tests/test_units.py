@@ -7,10 +7,10 @@ import email.utils
 import pytest
 
 from app import route
-from app.config import ConfigError, Settings, format_duration, parse_duration
+from app.config import ConfigError, Settings, parse_duration
 from app.delivery import Delivery, parse_retry_after
 from app.events import ChangeEvent
-from app.offsets import PartitionOffsets
+from app.offsets import OffsetBook, PartitionOffsets, lag
 from app.smart import add_event, due_at, event_of
 
 
@@ -72,6 +72,29 @@ def test_offsets_commit_only_the_finished_prefix() -> None:
     assert o.committable() == 13 and o.unfinished == 0
 
 
+def test_offset_book_commits_each_finished_prefix_once_and_again_after_a_failed_commit() -> None:
+    book: OffsetBook[int] = OffsetBook()
+    book.assign([0, 1])
+    for off in (5, 6):
+        book.get(0).start(off)  # type: ignore[union-attr]
+    book.get(0).finish(6)  # type: ignore[union-attr]
+    assert book.to_commit() == {}  # 5 still in flight
+    book.get(0).finish(5)  # type: ignore[union-attr]
+    assert book.to_commit() == {0: 7} and book.committed(0) == 7
+    assert book.to_commit() == {}  # nothing new
+    book.failed([0])
+    assert book.to_commit([0]) == {0: 7}  # offered again after a failed commit
+    book.forget([0])
+    assert book.get(0) is None and book.committed(1) is None
+
+
+def test_lag_is_end_minus_committed_or_position() -> None:
+    assert lag(100, 90, None) == 10
+    assert lag(100, None, 40) == 60  # nothing committed yet: the fetch position
+    assert lag(100, 120, None) == 0
+    assert lag(None, 90, None) is None and lag(100, None, None) is None and lag(-1, 5, None) is None
+
+
 def test_smart_due_time_is_window_after_last_or_max_wait_after_first() -> None:
     ev = ChangeEvent(
         "evt_1", "invoice.updated", "2026-11-27T10:00:00Z", 0.0, "invoice", "1", {"id": "1"}, None
@@ -94,7 +117,6 @@ def test_retry_after_forms() -> None:
 
 def test_durations_and_config_errors() -> None:
     assert parse_duration("200ms") == 0.2 and parse_duration("1h") == 3600 and parse_duration("3") == 3
-    assert format_duration(0.2) == "200ms" and format_duration(60) == "1m" and format_duration(86400) == "1d"
     with pytest.raises(ConfigError, match="WEBHOOKS_SMART_WINDOW"):
         Settings.from_env({"WEBHOOKS_SMART_WINDOW": "soon"})
     with pytest.raises(ConfigError, match="1 to 8"):

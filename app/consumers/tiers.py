@@ -1,10 +1,10 @@
-"""Retry tiers: where a failed delivery goes next, and the consumers that wait out each tier.
+"""Retry tiers: the consumer that waits out each tier (app/route.py decides which tier).
 
 A record in tier i is due at (its Kafka timestamp + delay i). Every record of a tier has the same
 delay, so each partition is already in due order: the consumer reads a partition until it meets a
 record that is not due, seeks back to it, pauses the partition and resumes it when it is due, all
 while still polling (no sleeping inside a consumer, no busy loop, nothing buffered in memory).
-Offsets are committed only up to the first record not yet fully handled.
+Offsets are committed only up to the first record not yet fully handled (app/consumers/base.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -21,26 +21,24 @@ from aiokafka.structs import OffsetAndMetadata
 
 from app import metrics, route
 from app.config import Settings
+from app.consumers.base import RecordConsumer
 from app.delivery import Delivery
+from app.dispatch import Dispatcher
 from app.health import HEALTH, is_fatal
-from app.offsets import PartitionOffsets, until_finished
-
-if TYPE_CHECKING:
-    from app.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
 
-class RetryTiers(ConsumerRebalanceListener):
+class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
+    """Partitions are named by TopicPartition (one topic per tier)."""
+
+    name = "retry tiers"
+
     def __init__(self, settings: Settings, dispatcher: Dispatcher, max_tasks: int = 256) -> None:
-        self.settings = settings
-        self.dispatcher = dispatcher
+        super().__init__(settings, dispatcher, max_records=max_tasks)
         self.delays = dict(zip(route.tier_topics(settings), settings.retry_schedule, strict=True))
         self.index = {t: i for i, t in enumerate(route.tier_topics(settings))}
         self.paused: dict[TopicPartition, float] = {}
-        self.offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self.slots = asyncio.Semaphore(max_tasks)
-        self.tasks: set[asyncio.Task[None]] = set()
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._lag_at = 0.0
@@ -67,7 +65,7 @@ class RetryTiers(ConsumerRebalanceListener):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        await self._drain(set(self.offsets), timeout=self.settings.delivery_timeout + 2)
+        await self._drain(set(self.book.partitions), timeout=self.settings.delivery_timeout + 2)
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
@@ -77,32 +75,27 @@ class RetryTiers(ConsumerRebalanceListener):
         await self._drain(set(revoked), timeout=self.settings.delivery_timeout + 2)
         for tp in revoked:
             self.paused.pop(tp, None)
-            self.offsets.pop(tp, None)
+        self.book.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         for tp in assigned:
             self.paused.pop(tp, None)
+        self.book.assign(assigned)
 
     async def _drain(self, tps: set[TopicPartition], timeout: float) -> None:
         """Let in-flight records of these partitions finish, then commit what is finished."""
-        await until_finished(self.offsets, tps, timeout)
+        await self.book.until_finished(tps, timeout)
         await self._commit(tps)
 
     async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
         assert self.consumer is not None
-        to_commit = {}
-        for tp, offs in self.offsets.items():
-            if tps is not None and tp not in tps:
-                continue
-            nxt = offs.committable()
-            if nxt is not None and nxt != offs.committed:
-                to_commit[tp] = OffsetAndMetadata(nxt, "")
-                offs.committed = nxt
-        if to_commit:
+        offsets = self.book.to_commit(tps)
+        if offsets:
             try:
-                await self.consumer.commit(to_commit)
+                await self.consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
             except Exception as exc:  # rebalancing: the next owner re-reads; duplicates, not loss
                 log.warning("retry tiers: commit failed: %s", exc)
+                self.book.failed(offsets)
 
     # ---- main loop -------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -130,11 +123,7 @@ class RetryTiers(ConsumerRebalanceListener):
                             c.pause(tp)
                             self.paused[tp] = due
                             break
-                        await self.slots.acquire()
-                        self.offsets.setdefault(tp, PartitionOffsets()).start(rec.offset)
-                        task = asyncio.create_task(self._process(tp, rec))
-                        self.tasks.add(task)
-                        task.add_done_callback(self.tasks.discard)
+                        await self.take(tp, rec.offset, rec.key, rec.value)
                 await self._commit()
                 self._update_lag()
             except asyncio.CancelledError:
@@ -146,27 +135,8 @@ class RetryTiers(ConsumerRebalanceListener):
                 log.exception("retry tiers loop; continuing")
                 await asyncio.sleep(1)
 
-    async def _process(self, tp: TopicPartition, rec: Any) -> None:
-        try:
-            try:
-                delivery = Delivery.decode(rec.value)
-            except Exception as exc:
-                log.error("retry tier %s: unreadable record at %s: %s", tp.topic, rec.offset, exc)
-                await self.dispatcher.park_raw(rec.key, rec.value, f"unreadable: {exc}")
-                return
-            await self.dispatcher.dispatch(delivery, tier=self.index[tp.topic])
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The dispatcher handles every outcome; reaching here is a bug. Leave the offset
-            # uncommitted so the record is redelivered after a restart rather than lost.
-            log.exception("retry tier %s offset %s", tp.topic, rec.offset)
-            return
-        finally:
-            self.slots.release()
-        offs = self.offsets.get(tp)
-        if offs is not None:
-            offs.finish(rec.offset)
+    async def deliver(self, partition: TopicPartition, delivery: Delivery) -> None:
+        await self.dispatcher.dispatch(delivery, tier=self.index[partition.topic])
 
     def _update_lag(self) -> None:
         """Refresh webhooks_consumer_lag for the tier topics at most once a second, off the poll loop."""
@@ -195,13 +165,12 @@ class RetryTiers(ConsumerRebalanceListener):
             hw = ends.get(tp)
             if hw is None or tp not in c.assignment():
                 continue
-            offs = self.offsets.get(tp)
-            pos = offs.committed if offs and offs.committed is not None else None
-            if pos is None:
+            pos = None
+            if self.book.committed(tp) is None:
                 try:
                     pos = await asyncio.wait_for(c.position(tp), 0.5)
                 except Exception:
                     continue
-            totals[tp.topic] = totals.get(tp.topic, 0) + max(0, hw - pos)
+            totals[tp.topic] = totals.get(tp.topic, 0) + (self.lag_of(tp, hw, pos) or 0)
         for topic, lag in totals.items():
             metrics.CONSUMER_LAG.labels(topic=topic.removeprefix(self.settings.topic_prefix)).set(lag)

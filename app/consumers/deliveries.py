@@ -7,9 +7,9 @@ decodes in its own C threads; one Python thread takes batches from it and hands 
 loop, where each record becomes one `Dispatcher.dispatch` task (bounded: at most `max_in_flight * 8`
 records held, and the Dispatcher's global and per-endpoint caps on top).
 
-Offsets are committed only up to the first record not yet finished (app/offsets.py). A record whose
-dispatch raised stays unfinished: it is delivered again after a restart or rebalance, never
-skipped. On revocation the agent lets the revoked partitions' in-flight records finish (an
+Offsets are committed only up to the first record not yet finished (app/consumers/base.py). A
+record whose dispatch raised stays unfinished: it is delivered again after a restart or rebalance,
+never skipped. On revocation the agent lets the revoked partitions' in-flight records finish (an
 attempt never outlives the delivery timeout) and commits them before the partitions move.
 """
 
@@ -25,10 +25,10 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from app import route
 from app.config import Settings
+from app.consumers.base import RecordConsumer
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.health import HEALTH
-from app.offsets import PartitionOffsets, until_finished
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,17 @@ BATCH = 500
 COMMIT_INTERVAL = 1.0  # seconds between offset commits while records flow
 
 
-class DeliveryAgent:
+class DeliveryAgent(RecordConsumer[int]):
+    """Partitions are named by number (one topic)."""
+
+    name = "delivery agent"
+
     def __init__(
         self, settings: Settings, dispatcher: Dispatcher, tasks: set[asyncio.Future[Any]] | None = None
     ) -> None:
-        self.settings = settings
-        self.dispatcher = dispatcher
+        super().__init__(settings, dispatcher, max_records=settings.max_in_flight * 8, tasks=tasks)
         self.topic = settings.topic(route.queue_for("async"))
         self.group_id = f"{settings.group_id}.deliveries"
-        self.slots = asyncio.Semaphore(settings.max_in_flight * 8)
-        # Work started for records not yet finished; the worker drains it before a graceful stop.
-        self.tasks: set[asyncio.Future[Any]] = set() if tasks is None else tasks
-        # Per assigned partition. A revocation replaces the object, so a task that finishes after
-        # its partition moved marks an orphan instead of the next assignment's bookkeeping.
-        self.offsets: dict[int, PartitionOffsets] = {}
         self.lag = 0  # records behind the end of the assigned partitions, updated by the thread
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,63 +124,51 @@ class DeliveryAgent:
                 time.sleep(0.5)
 
     def _commit(self, consumer: Consumer, *, asynchronous: bool) -> None:
-        offsets, books = [], []
-        for partition, book in list(self.offsets.items()):
-            upto = book.committable()
-            if upto is not None and upto != book.committed:
-                offsets.append(TopicPartition(self.topic, partition, upto))
-                books.append(book)
-                book.committed = upto
+        offsets = self.book.to_commit()
         if offsets:
             try:
-                consumer.commit(offsets=offsets, asynchronous=asynchronous)
+                consumer.commit(
+                    offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
+                    asynchronous=asynchronous,
+                )
             except Exception as exc:  # committed again next time; at worst re-delivered
                 log.warning("delivery agent commit failed: %s", exc)
-                for book in books:
-                    book.committed = None
+                self.book.failed(offsets)
 
     def _lag(self, consumer: Consumer) -> int:
         total = 0
         for tp in consumer.assignment():
             try:
                 _, high = consumer.get_watermark_offsets(tp, cached=True)
-                pos = consumer.position([tp])[0].offset
+                pos = None if self.book.committed(tp.partition) is not None else consumer.position([tp])[0].offset
             except Exception:
                 continue
-            book = self.offsets.get(tp.partition)
-            done = book.committed if book is not None and book.committed is not None else pos
-            if high >= 0 and done is not None and done >= 0:
-                total += max(0, high - done)
+            total += self.lag_of(tp.partition, high, pos) or 0
         return total
 
     # ---- rebalance callbacks (consumer thread, inside poll) ---------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.offsets[tp.partition] = PartitionOffsets()
+        self.book.assign(tp.partition for tp in partitions)
         log.info("delivery agent assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions}
         if self._loop is not None and self._running:
             drain = asyncio.run_coroutine_threadsafe(
-                until_finished(self.offsets, revoked, self.settings.delivery_timeout + 2), self._loop
+                self.book.until_finished(revoked, self.settings.delivery_timeout + 2), self._loop
             )
             try:
                 drain.result(self.settings.delivery_timeout + 5)
             except Exception as exc:
                 log.warning("draining revoked partitions: %r", exc)
         self._commit(consumer, asynchronous=False)
-        self._forget(revoked)
+        self.book.forget(revoked)
         log.info("delivery agent revoked %s", sorted(revoked))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Already someone else's: committing now would be refused; their owner re-delivers.
-        self._forget({tp.partition for tp in partitions})
+        self.book.forget(tp.partition for tp in partitions)
         log.warning("delivery agent lost %s", sorted(tp.partition for tp in partitions))
-
-    def _forget(self, partitions: set[int]) -> None:
-        for p in partitions:
-            self.offsets.pop(p, None)
 
     # ---- the event loop side ----------------------------------------------------------------------
     async def _take(self, msgs: list[Any]) -> None:
@@ -195,27 +180,8 @@ class DeliveryAgent:
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("delivery agent: %s", err.str())
                 continue
-            book = self.offsets.get(msg.partition())
-            if book is None:  # fetched just before its partition was revoked: its next owner reads it
-                continue
-            await self.slots.acquire()
-            offset = msg.offset()
-            book.start(offset)
-            task = asyncio.ensure_future(self._one(msg.key(), msg.value(), book, offset))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            # A record fetched just before its partition was revoked is skipped: its next owner reads it.
+            await self.take(msg.partition(), msg.offset(), msg.key(), msg.value())
 
-    async def _one(self, key: bytes | None, value: bytes | None, book: PartitionOffsets, offset: int) -> None:
-        try:
-            try:
-                d = Delivery.decode(value or b"")
-            except Exception as exc:
-                await self.dispatcher.park_raw(key, value, f"unreadable: {exc}")
-            else:
-                await self.dispatcher.dispatch(d)
-            book.finish(offset)
-        except Exception:
-            # Left unfinished: re-delivered after a restart or rebalance, never skipped.
-            log.exception("delivery failed unexpectedly; record left uncommitted")
-        finally:
-            self.slots.release()
+    async def deliver(self, partition: int, delivery: Delivery) -> None:
+        await self.dispatcher.dispatch(delivery)

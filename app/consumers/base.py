@@ -1,0 +1,85 @@
+"""What the delivery agent and the retry tiers share: one record in, one `Dispatcher.dispatch`.
+
+A variant (the Kafka client differs: librdkafka, aiokafka) implements `start`, `stop` and `deliver`;
+it calls `take` for each record it reads, commits `book.to_commit()` with its own client, and on a
+revocation waits `book.until_finished` for the revoked partitions before it commits and forgets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, Generic
+
+from app.config import Settings
+from app.delivery import Delivery
+from app.dispatch import Dispatcher
+from app.offsets import K, OffsetBook, PartitionOffsets, lag
+
+log = logging.getLogger(__name__)
+
+
+class RecordConsumer(ABC, Generic[K]):
+    name = "consumer"
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        *,
+        max_records: int,
+        tasks: set[asyncio.Future[Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.book: OffsetBook[K] = OffsetBook()
+        self.slots = asyncio.Semaphore(max_records)  # records held at once (read, not finished)
+        # Work started for records not yet finished; the worker drains it before a graceful stop.
+        self.tasks: set[asyncio.Future[Any]] = set() if tasks is None else tasks
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop reading, let the started records finish, commit them, leave the group."""
+
+    @abstractmethod
+    async def deliver(self, partition: K, delivery: Delivery) -> None:
+        """Dispatch one decoded delivery read from `partition`."""
+
+    async def take(self, partition: K, offset: int, key: bytes | None, value: bytes | None) -> bool:
+        """Start one record as a task once a slot is free; False if its partition is not ours (any
+        more): its next owner reads it."""
+        book = self.book.get(partition)
+        if book is None:
+            return False
+        await self.slots.acquire()
+        book.start(offset)
+        task = asyncio.ensure_future(self._one(partition, book, offset, key, value))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _one(
+        self, partition: K, book: PartitionOffsets, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        try:
+            try:
+                d = Delivery.decode(value or b"")
+            except Exception as exc:
+                log.error("%s: unreadable record at %s offset %s: %s", self.name, partition, offset, exc)
+                await self.dispatcher.park_raw(key, value, f"unreadable: {exc}")
+            else:
+                await self.deliver(partition, d)
+            book.finish(offset)
+        except Exception:
+            # The dispatcher handles every outcome; reaching here is a bug. Left unfinished, so
+            # never committed: delivered again after a restart or rebalance, never skipped.
+            log.exception("%s: record at %s offset %s failed; left uncommitted", self.name, partition, offset)
+        finally:
+            self.slots.release()
+
+    def lag_of(self, partition: K, end: int | None, position: int | None) -> int | None:
+        return lag(end, self.book.committed(partition), position)
