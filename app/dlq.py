@@ -93,7 +93,7 @@ def replay(
         for i in range(0, len(todo), chunk):
             part = todo[i : i + chunk]
             for entry in part:
-                p.send(route.queue_for("async"), route.replay_key(entry), route.replay_record(entry))
+                p.send(route.REPLAYS, route.replay_key(entry), route.replay_record(entry))
             p.flush()
             for entry in part:
                 p.send(route.DLQ, entry["id"], None)
@@ -113,7 +113,7 @@ async def replay_async(outbox: Any, entries: Iterable[dict[str, Any]]) -> int:
     todo = [e for e in entries if is_replayable(e)]
     if not todo:
         return 0
-    queue = route.queue_for("async")
+    queue = route.REPLAYS
     futs = [await outbox.send(queue, route.replay_key(e), route.replay_record(e)) for e in todo]
     await asyncio.gather(*futs)
     futs = [await outbox.send(route.DLQ, e["id"], None) for e in todo]

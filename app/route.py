@@ -13,7 +13,7 @@ WEBHOOKS_TOPIC_PREFIX in front. No other module spells one. The life of a record
             ─ else ► after_failure(): Tier(n) (a retry scheduled) | Dead(gone | forbidden_target | retries_exhausted)
     endpoint saturated ─► deferred(): Defer(tier) | Tier(n)
     Dead(reason) ─► DLQ                                          dead_record(), unreadable_record()
-    replay ─► queue_for("async") and a tombstone on DLQ          replay_record()
+    replay ─► REPLAYS (= DELIVERIES), then a tombstone on DLQ    replay_record()
 
 The outcome types name where a delivery goes; the Dispatcher (app/dispatch.py) carries them out.
 """
@@ -39,6 +39,7 @@ TIERS = tuple(f"webhooks.retry.{x}" for x in DEFAULT_RETRY_SCHEDULE.split(","))
 TIER_PREFIX = "webhooks.retry."
 
 _QUEUES = {"async": DELIVERIES, "smart": DELIVERIES}
+REPLAYS = DELIVERIES  # a replayed delivery of any mode waits here for the delivery agent
 
 
 def queue_for(mode: str) -> str:

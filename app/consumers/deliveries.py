@@ -45,7 +45,7 @@ class DeliveryAgent(RecordConsumer[int]):
         self, settings: Settings, dispatcher: Dispatcher, tasks: set[asyncio.Future[Any]] | None = None
     ) -> None:
         super().__init__(settings, dispatcher, max_records=settings.max_in_flight * 8, tasks=tasks)
-        self.topic = settings.topic(route.queue_for("async"))
+        self.topic = settings.topic(route.DELIVERIES)
         self.group_id = f"{settings.group_id}.deliveries"
         self.lag = 0  # records behind the end of the assigned partitions, updated by the thread
         self._consumer: Consumer | None = None
