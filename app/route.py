@@ -35,8 +35,8 @@ ATTEMPTS = "webhooks.attempts"  # one record per HTTP attempt (observability)
 DLQ = "webhooks.dlq"  # dead deliveries (compacted, keyed by delivery id)
 # Tier topic names are public contracts and fixed by position: a shortened schedule (tests use
 # 200 ms tiers) changes how long each tier waits, never what the topics are called.
-TIERS = tuple(f"webhooks.retry.{x}" for x in DEFAULT_RETRY_SCHEDULE.split(","))
 TIER_PREFIX = "webhooks.retry."
+TIERS = tuple(f"{TIER_PREFIX}{x}" for x in DEFAULT_RETRY_SCHEDULE.split(","))
 
 _QUEUES = {"async": DELIVERIES, "smart": DELIVERIES}
 REPLAYS = DELIVERIES  # a replayed delivery of any mode waits here for the delivery agent
