@@ -33,6 +33,8 @@ ENDPOINTS = "webhooks.endpoints"  # the endpoint registry (compacted)
 DELIVERIES = "webhooks.deliveries"  # async and smart deliveries, and DLQ replays
 ATTEMPTS = "webhooks.attempts"  # one record per HTTP attempt (observability)
 DLQ = "webhooks.dlq"  # dead deliveries (compacted, keyed by delivery id)
+SMART_TABLE = "smart-pending"  # the Faust table of pending smart items
+SMART_CHANGELOG = f"perfex-webhooks-{SMART_TABLE}-changelog"  # its changelog: Faust's "<app id>-<table>-changelog"
 # Tier topic names are public contracts and fixed by position: a shortened schedule (tests use
 # 200 ms tiers) changes how long each tier waits, never what the topics are called.
 TIER_PREFIX = "webhooks.retry."

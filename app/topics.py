@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from app.config import TIER_TOPICS, Settings
+from app import route
+from app.config import Settings
 
 REPO_TOPICS = Path(__file__).resolve().parent.parent / "topics.yaml"
 
@@ -77,13 +78,8 @@ def spec(name: str) -> TopicSpec:
 # room for the history of ~100 attempts.
 RECORD_OVERHEAD = 64 * 1024
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588  # the broker's message.max.bytes default
-CARRIES_EVENT = ("crm.events",)
-CARRIES_DELIVERY = (
-    "webhooks.deliveries",
-    *TIER_TOPICS,
-    "webhooks.dlq",
-    "perfex-webhooks-smart-pending-changelog",
-)
+CARRIES_EVENT = (route.EVENTS,)
+CARRIES_DELIVERY = (route.DELIVERIES, *route.TIERS, route.DLQ, route.SMART_CHANGELOG)
 
 
 def required_message_bytes(settings: Settings) -> dict[str, int]:

@@ -162,7 +162,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         partitions=events_spec.partitions,
     )
     pending = app.Table(
-        "smart-pending",
+        route.SMART_TABLE,
         default=None,
         partitions=events_spec.partitions,
         schema=faust.Schema(key_serializer="json", value_serializer="json"),

@@ -16,12 +16,12 @@ import orjson
 import pytest
 from confluent_kafka import Producer as RdProducer
 
-from app.config import TIER_TOPICS, Settings
+from app.config import Settings
 from app.delivery import Delivery, new_delivery_id
-from app.endpoints import TOPIC as ENDPOINTS
 from app.endpoints import create_endpoint
 from app.events import build_event
 from app.health import EXIT_FAILED
+from app.route import ENDPOINTS, TIERS
 
 pytestmark = pytest.mark.kafka
 
@@ -87,7 +87,7 @@ def test_every_codec_is_read_on_every_topic(settings, receiver, workers, produce
         produce(codec, "webhooks.deliveries", d.resource_key, d.record())  # delivery agent
         direct[codec] = d.id
         t = a_delivery(eps[codec].id, failures=1)
-        produce(codec, TIER_TOPICS[0], t.resource_key, t.record())  # a retry tier
+        produce(codec, TIERS[0], t.resource_key, t.record())  # a retry tier
         tiered[codec] = t.id
         x = a_delivery(eps[codec].id, failures=9)
         produce(codec, "webhooks.dlq", x.id, {**x.record(), "dlq_reason": "exhausted", "dead_at": time.time()})

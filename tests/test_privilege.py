@@ -39,9 +39,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.config import Settings
-from app.endpoints import TOPIC as ENDPOINTS_TOPIC
 from app.endpoints import Endpoint, read_endpoints
 from app.producer import Producer
+from app.route import ENDPOINTS as ENDPOINTS_TOPIC
 from app.signing import generate_secret
 from app.topics import apply
 from tests.helpers import cli, eventually, metric_value, parse_metrics
