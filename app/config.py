@@ -12,16 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.errors import ConfigError  # re-exported: raised here and by app/secretbox.py
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 DEFAULT_RETRY_SCHEDULE = "30s,1m,5m,15m,1h,6h,12h,24h"
 # One tier topic per default delay (app/route.py names them): a schedule may be shorter, not longer.
 MAX_TIERS = len(DEFAULT_RETRY_SCHEDULE.split(","))
-
-
-class ConfigError(ValueError):
-    """A setting has a value we cannot use; the message names the variable."""
 
 
 MIN_TOKEN_LENGTH = 32

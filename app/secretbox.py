@@ -12,7 +12,7 @@ import functools
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from app.config import ConfigError
+from app.errors import ConfigError
 
 PREFIX = "fernet:"
 
