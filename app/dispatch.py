@@ -134,11 +134,29 @@ class Dispatcher:
                 return
             await asyncio.sleep(0.02)
 
-    async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
-        """A record we cannot even decode still goes to the DLQ, never nowhere."""
-        rec = route.unreadable_record(key, value, reason)
-        metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
-        await self.outbox.publish(route.DLQ, rec["id"], orjson.dumps(rec))
+    async def park_poison(
+        self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int, error: BaseException
+    ) -> None:
+        """Park a record that cannot be decoded, validated or handled (`route.poison_record`) and
+        return only once the DLQ has it: the caller then finishes its offset. A publish that fails
+        is tried again (never given up on: the record must not be acked as done and lost)."""
+        rec = orjson.dumps(route.poison_record(key, value, topic, partition, offset, error))
+        dlq_key = route.poison_key(topic, partition, offset)
+        backoff = 0.5
+        while True:
+            try:
+                await self.outbox.publish(route.DLQ, dlq_key, rec)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("parking poison %s:%s@%s failed (%r); retrying", topic, partition, offset, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        logical = topic.removeprefix(self.settings.topic_prefix)
+        metrics.POISON.labels(topic=logical, error=type(error).__name__[:40]).inc()
+        metrics.DLQ_ENTRIES.labels(reason=route.POISON).inc()
+        log.warning("parked poison %s:%s@%s in the DLQ: %s: %s", topic, partition, offset, type(error).__name__, error)
 
     async def attempt_once(self, d: Delivery) -> Attempt:
         """One attempt of a test delivery (the admin page's "send a test event"): logged like any

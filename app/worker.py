@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         await comps.ready.wait()
         async for event in stream.noack().events():
             msg = event.message
-            await fanout.handle(msg.key, msg.value, msg.headers, msg.partition, event.ack)
+            await fanout.handle(msg.key, msg.value, msg.headers, msg.partition, event.ack, msg.offset)
 
     smart_tick = max(0.02, min(0.25, settings.smart_window / 10))
 

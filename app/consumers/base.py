@@ -13,8 +13,9 @@ from abc import ABC, abstractmethod
 from typing import Any, Generic
 
 from app.config import Settings
-from app.delivery import Delivery
+from app.delivery import Delivery, InvalidDelivery
 from app.dispatch import Dispatcher
+from app.route import TRIES
 from app.offsets import K, OffsetBook, PartitionOffsets, lag
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,47 @@ class RecordConsumer(ABC, Generic[K]):
         self, partition: K, book: PartitionOffsets, offset: int, key: bytes | None, value: bytes | None
     ) -> None:
         try:
-            try:
-                d = Delivery.decode(value or b"")
-            except Exception as exc:
-                log.error("%s: unreadable record at %s offset %s: %s", self.name, partition, offset, exc)
-                await self.dispatcher.park_raw(key, value, f"unreadable: {exc}")
-            else:
-                await self.deliver(partition, d)
+            error = await self._handle(partition, offset, value)
+            if error is not None:
+                topic, number = self.where(partition)
+                await self.dispatcher.park_poison(key, value, topic, number, offset, error)
             book.finish(offset)
+        except asyncio.CancelledError:
+            raise  # the worker is exiting: unfinished, so never committed; read again by the next owner
         except Exception:
-            # The dispatcher handles every outcome; reaching here is a bug. Left unfinished, so
-            # never committed: delivered again after a restart or rebalance, never skipped.
+            # Only a bug in the bookkeeping above gets here (park_poison retries until it lands).
             log.exception("%s: record at %s offset %s failed; left uncommitted", self.name, partition, offset)
         finally:
             self.slots.release()
+
+    async def _handle(self, partition: K, offset: int, value: bytes | None) -> BaseException | None:
+        """Decode, validate and deliver one record; the error that makes it poison, or None.
+
+        Strict validation comes first, so a mistyped record is never POSTed. A valid record whose
+        handling raises is tried `TRIES` times in all (each from its original bytes: a failed try may
+        have changed the decoded delivery), then it is poison too: commits never wait on it."""
+        error: BaseException | None = None
+        for n in range(1, TRIES + 1):
+            try:
+                d = Delivery.decode(value or b"")
+            except InvalidDelivery as exc:
+                log.error("%s: record at %s offset %s is not a delivery: %s", self.name, partition, offset, exc)
+                return exc
+            try:
+                await self.deliver(partition, d)
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+                log.exception("%s: try %d of %d at %s offset %s failed", self.name, n, TRIES, partition, offset)
+                if n < TRIES:
+                    await asyncio.sleep(0.2 * n)
+        return error
+
+    @abstractmethod
+    def where(self, partition: K) -> tuple[str, int]:
+        """The full topic name and partition number of `partition`."""
 
     def lag_of(self, partition: K, end: int | None, position: int | None) -> int | None:
         return lag(end, self.book.committed(partition), position)

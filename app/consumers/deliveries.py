@@ -8,8 +8,8 @@ loop, where each record becomes one `Dispatcher.dispatch` task (bounded: at most
 records held, and the Dispatcher's global and per-endpoint caps on top).
 
 Offsets are committed only up to the first record not yet finished (app/consumers/base.py). A
-record whose dispatch raised stays unfinished: it is delivered again after a restart or rebalance,
-never skipped. On revocation the agent lets the revoked partitions' in-flight records finish (an
+record that is not a valid delivery, or whose dispatch raised three times, is parked in the DLQ as
+poison and finished: commits never wait on it. On revocation the agent lets the revoked partitions' in-flight records finish (an
 attempt never outlives the delivery timeout) and commits them before the partitions move.
 """
 
@@ -182,6 +182,9 @@ class DeliveryAgent(RecordConsumer[int]):
                 continue
             # A record fetched just before its partition was revoked is skipped: its next owner reads it.
             await self.take(msg.partition(), msg.offset(), msg.key(), msg.value())
+
+    def where(self, partition: int) -> tuple[str, int]:
+        return self.topic, partition
 
     async def deliver(self, partition: int, delivery: Delivery) -> None:
         await self.dispatcher.dispatch(delivery)

@@ -135,6 +135,9 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
                 log.exception("retry tiers loop; continuing")
                 await asyncio.sleep(1)
 
+    def where(self, partition: TopicPartition) -> tuple[str, int]:
+        return partition.topic, partition.partition
+
     async def deliver(self, partition: TopicPartition, delivery: Delivery) -> None:
         await self.dispatcher.dispatch(delivery, tier=self.index[partition.topic])
 
