@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner, Result
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import route
@@ -275,7 +275,14 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     try:
         name = settings.topic(topic)
         parts = c.list_topics(name, timeout=10).topics[name].partitions
-        return {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
+        deadline = time.monotonic() + 30
+        while True:
+            try:  # a topic just created may not have its leaders yet
+                return {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         c.close()
 
