@@ -42,6 +42,8 @@ class Dispatcher:
         self.max_waiting_per_endpoint = settings.max_in_flight_per_endpoint * 2
         # The worker's view of webhooks.dlq (app/observe.py sets it): see park().
         self.dlq_view: Any = None
+        # Delivery ids delivered lately (app/successes.py; the delivery agent sets it): each 2xx is added.
+        self.successes: Any = None
 
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
@@ -61,15 +63,25 @@ class Dispatcher:
         if sem is None:
             sem = self._per_endpoint[ep.id] = asyncio.Semaphore(self.settings.max_in_flight_per_endpoint)
         self._waiting[ep.id] = waiting + 1
+        attempt = None
         try:
-            async with sem, self._global:
-                metrics.IN_FLIGHT.inc()
-                try:
-                    attempt = await self.sender.attempt(d, ep)
-                finally:
-                    metrics.IN_FLIGHT.dec()
+            async with sem:
+                # The endpoint may have turned slow while this delivery queued for it: the queue
+                # behind a hung endpoint then moves on to a tier at once instead of waiting out one
+                # timeout after another and holding the consumer's records meanwhile.
+                if not (self._slow.get(ep.id) and self._waiting[ep.id] > self.max_waiting_per_endpoint):
+                    async with self._global:
+                        metrics.IN_FLIGHT.inc()
+                        try:
+                            attempt = await self.sender.attempt(d, ep)
+                        finally:
+                            metrics.IN_FLIGHT.dec()
         finally:
             self._waiting[ep.id] -= 1
+        if attempt is None:
+            metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
+            await self.follow(d, route.deferred(self.settings, d.failures, tier))
+            return
         self._slow[ep.id] = attempt.outcome in ("timeout", "connect_error") or attempt.latency_ms > 1000
         await self._after(d, ep.id, attempt)
         if self.registry.get(ep.id) is None:  # deleted while this attempt ran
@@ -94,6 +106,8 @@ class Dispatcher:
         self._log_attempt(d, record, None if a.ok else a.request)
         if a.ok:
             metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
+            if self.successes is not None:
+                self.successes.add(d.id)
             return
         d.failures += 1
         if a.retry_after:

@@ -25,13 +25,13 @@ from typing import Any
 import orjson
 
 from app import metrics, route
-from app.route import TRIES
 from app.config import Settings
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import InvalidEvent, parse_event
 from app.outbox import Outbox
+from app.route import TRIES
 from app.smart import (
     MARKER_BATCH,
     MARKER_HEADER,

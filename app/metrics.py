@@ -63,6 +63,11 @@ POISON = Counter(
     ["topic", "error"],
     registry=REGISTRY,
 )
+DUPLICATES_SKIPPED = Counter(
+    "webhooks_duplicates_skipped_total",
+    "Deliveries read again (after a crash or rebalance) and skipped: their success is already recorded",
+    registry=REGISTRY,
+)
 DLQ_SIZE = Gauge("webhooks_dlq_size", "Deliveries currently in the DLQ view", registry=REGISTRY)
 REPLAYS = Counter("webhooks_replays_total", "DLQ entries replayed", registry=REGISTRY)
 SMART_COLLAPSED = Counter(

@@ -1,8 +1,11 @@
 """What the delivery agent and the retry tiers share: one record in, one `Dispatcher.dispatch`.
 
-A variant (the Kafka client differs: librdkafka, aiokafka) implements `start`, `stop` and `deliver`;
-it calls `take` for each record it reads, commits `book.to_commit()` with its own client, and on a
-revocation waits `book.until_finished` for the revoked partitions before it commits and forgets them.
+A variant (the Kafka client differs: librdkafka, aiokafka) implements `start`, `stop`, `where` and
+`deliver`; it calls `take` for each record it reads (which never waits), pauses its partitions while
+`full` and resumes them once `has_room`, always polling; it commits `book.to_commit()` with its own
+client, and on a revocation waits `book.until_finished` for the revoked partitions before it commits
+and forgets them. A record is decoded and validated strictly before anything is attempted; what
+cannot be decoded, validated or handled (3 tries) is parked as poison and finished.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any, Generic
 from app.config import Settings
 from app.delivery import Delivery, InvalidDelivery
 from app.dispatch import Dispatcher
-from app.route import TRIES
 from app.offsets import K, OffsetBook, PartitionOffsets, lag
+from app.route import TRIES
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +38,22 @@ class RecordConsumer(ABC, Generic[K]):
         self.settings = settings
         self.dispatcher = dispatcher
         self.book: OffsetBook[K] = OffsetBook()
-        self.slots = asyncio.Semaphore(max_records)  # records held at once (read, not finished)
+        # Records taken and not finished. `take` never waits: the variant pauses its partitions when
+        # `full` and resumes them when `has_room`, and keeps polling meanwhile, so a hung endpoint
+        # holding every slot never blocks a consumer thread past max.poll.interval (issue 11).
+        self.max_records = max_records
+        self.held = 0
         # Work started for records not yet finished; the worker drains it before a graceful stop.
         self.tasks: set[asyncio.Future[Any]] = set() if tasks is None else tasks
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.max_records
+
+    @property
+    def has_room(self) -> bool:
+        """Below half the cap: resume (the gap keeps pause/resume from flapping on every record)."""
+        return self.held <= self.max_records // 2
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -50,13 +66,13 @@ class RecordConsumer(ABC, Generic[K]):
     async def deliver(self, partition: K, delivery: Delivery) -> None:
         """Dispatch one decoded delivery read from `partition`."""
 
-    async def take(self, partition: K, offset: int, key: bytes | None, value: bytes | None) -> bool:
-        """Start one record as a task once a slot is free; False if its partition is not ours (any
-        more): its next owner reads it."""
+    def take(self, partition: K, offset: int, key: bytes | None, value: bytes | None) -> bool:
+        """Start one record as a task, at once (never waits); False if its partition is not ours
+        (any more): its next owner reads it. The caller pauses its partitions while `full`."""
         book = self.book.get(partition)
         if book is None:
             return False
-        await self.slots.acquire()
+        self.held += 1
         book.start(offset)
         task = asyncio.ensure_future(self._one(partition, book, offset, key, value))
         self.tasks.add(task)
@@ -78,7 +94,7 @@ class RecordConsumer(ABC, Generic[K]):
             # Only a bug in the bookkeeping above gets here (park_poison retries until it lands).
             log.exception("%s: record at %s offset %s failed; left uncommitted", self.name, partition, offset)
         finally:
-            self.slots.release()
+            self.held -= 1
 
     async def _handle(self, partition: K, offset: int, value: bytes | None) -> BaseException | None:
         """Decode, validate and deliver one record; the error that makes it poison, or None.
