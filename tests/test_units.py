@@ -8,7 +8,7 @@ import pytest
 
 from app import route
 from app.config import ConfigError, Settings, parse_duration
-from app.delivery import Delivery, parse_retry_after
+from app.delivery import Delivery, InvalidDelivery, parse_retry_after
 from app.events import ChangeEvent
 from app.offsets import OffsetBook, PartitionOffsets, lag
 from app.smart import add_event, due_at, event_of
@@ -134,6 +134,35 @@ def test_delivery_body_is_the_documented_shape() -> None:
     d.collapsed = 1  # a smart delivery of a single event carries no `collapsed`
     assert b"collapsed" not in d.body(0)
     assert Delivery.decode(d.encode()) == d
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"occurred_ts": "1.5"},  # a number written as a string
+        {"failures": "0"},
+        {"attempts": "[]"},  # a list written as a string
+        {"attempts": {"n": 1}},
+        {"data": "not an object"},
+        {"failures": True},  # a bool is no count
+        {"mode": "sometimes"},
+        {"id": ""},
+        {"endpoint_id": None},
+        {"attempts": [1]},
+    ],
+)
+def test_a_mistyped_delivery_is_refused_before_anything_is_attempted(change: dict) -> None:
+    import orjson
+
+    rec = {**delivery(0).record(), **change}
+    with pytest.raises(InvalidDelivery):
+        Delivery.decode(orjson.dumps(rec))
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"null", b"{}", b'{"id": "dlv_1"}', b"\xff not json", b'"s"', b"1"])
+def test_what_is_no_delivery_record_at_all_is_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidDelivery):
+        Delivery.decode(raw)
 
 
 def test_repeat_filter_lets_one_of_a_kind_through_per_interval() -> None:
