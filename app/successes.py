@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
@@ -33,7 +34,8 @@ class RecentSuccesses:
     def __init__(self, settings: Settings, cap: int = CAP) -> None:
         self.settings = settings
         self.cap = cap
-        self._ids: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
+        # Insertion-ordered, the oldest evicted first (OrderedDict: popping the front is O(1)).
+        self._ids: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._next: dict[int, int] = {}  # partition -> next offset of the attempt log to read
 
@@ -47,7 +49,7 @@ class RecentSuccesses:
         with self._lock:
             self._ids[delivery_id] = None
             while len(self._ids) > self.cap:
-                del self._ids[next(iter(self._ids))]
+                self._ids.popitem(last=False)
 
     def catch_up(self, timeout: float = 10.0) -> int:
         """Read the attempt log from where the last call stopped (the last `cap` records at first) to

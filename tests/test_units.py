@@ -182,3 +182,13 @@ def test_repeat_filter_lets_one_of_a_kind_through_per_interval() -> None:
     f._seen[("aiokafka", "Unable connect to node with id %s")] = (-1e9, 500)  # the interval is over
     again = rec("Unable connect to node with id %s")
     assert f.filter(again) and "500 more like this" in again.getMessage()
+
+
+def test_recent_successes_are_bounded_and_keep_the_newest() -> None:
+    from app.successes import RecentSuccesses
+
+    r = RecentSuccesses(Settings(), cap=100)
+    for i in range(1000):
+        r.add(f"dlv_{i}")
+    assert len(r) == 100
+    assert "dlv_999" in r and "dlv_900" in r and "dlv_899" not in r
