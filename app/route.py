@@ -152,7 +152,9 @@ def dead_record(delivery: dict[str, Any], reason: str) -> dict[str, Any]:
 
 TRIES = 3  # tries of a valid record whose handling raises before it is parked as poison
 POISON = "poison"  # the DLQ reason of a record that cannot be decoded, validated or handled
-RAW_CAP = 700_000  # raw bytes kept in a parked record: base64 of this still fits the 1 MB DLQ topic
+# Raw bytes kept in a parked record: base64 of this (1.87 MB) still fits the DLQ topic's 2 MiB
+# (topics.yaml), and covers any record of WEBHOOKS_MAX_EVENT_BYTES' default re-encoded.
+RAW_CAP = 1_400_000
 
 
 def poison_key(topic: str, partition: int, offset: int) -> str:
@@ -176,6 +178,7 @@ def poison_record(
         "key_b64": None if key is None else base64.b64encode(key[:1000]).decode(),
         "raw_b64": None if value is None else base64.b64encode(raw[:RAW_CAP]).decode(),
         "raw_size": len(raw),
+        "raw_truncated": len(raw) > RAW_CAP,
         "dead_at": time.time(),
     }
 

@@ -33,7 +33,7 @@ def test_outbox_acks_with_the_offset_and_refuses_an_oversized_record_at_once(set
             assert second == first + 1
             started = time.monotonic()
             with pytest.raises(PublishError) as refused:
-                await outbox.publish("webhooks.attempts", "ep_1", b"x" * 1_500_000)  # topic limit: 1 MB
+                await outbox.publish("webhooks.attempts", "ep_1", b"x" * 3_000_000)  # topic limit: 2 MiB
             assert not refused.value.retriable
             assert time.monotonic() - started < 10  # reported, not retried until a timeout
         finally:
