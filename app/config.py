@@ -131,6 +131,13 @@ def _allowed_targets(text: str) -> frozenset[str]:
         raise ConfigError(f"WEBHOOKS_ALLOWED_TARGETS: {exc}") from exc
 
 
+def _poll_interval(text: str) -> float:
+    value = parse_duration(text, "WEBHOOKS_MAX_POLL_INTERVAL")
+    if value < 10:  # Kafka clients refuse one below the session timeout (10 s)
+        raise ConfigError(f"WEBHOOKS_MAX_POLL_INTERVAL: {text!r} is below the 10 s session timeout")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str = "localhost:9092"
@@ -163,6 +170,9 @@ class Settings:
     max_in_flight: int = 64
     max_in_flight_per_endpoint: int = 8
     response_body_cap: int = 4096
+    # A consumer that does not poll for this long leaves its group (Kafka's max.poll.interval.ms).
+    # No consumer thread blocks for more than a small part of it (app/consumers/base.py).
+    max_poll_interval: float = 300.0
     data_dir: str = ".cache/faust-data"
     # Replicas of every topic; None: min(3, brokers in the cluster) (app/topics.py).
     replication_factor: int | None = None
@@ -212,6 +222,7 @@ class Settings:
             max_in_flight_per_endpoint=int(e.get("WEBHOOKS_MAX_IN_FLIGHT_PER_ENDPOINT") or 8),
             data_dir=e.get("WEBHOOKS_DATA_DIR") or ".cache/faust-data",
             replication_factor=_positive(e.get("WEBHOOKS_REPLICATION_FACTOR"), "WEBHOOKS_REPLICATION_FACTOR"),
+            max_poll_interval=_poll_interval(e.get("WEBHOOKS_MAX_POLL_INTERVAL") or "300s"),
         )
 
     def check_serving(self) -> None:

@@ -113,7 +113,13 @@ class Delivery:
 
     @classmethod
     def decode(cls, raw: bytes | dict[str, Any]) -> Delivery:
-        d = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, memoryview, str)) else raw
+        """The delivery a record holds, checked strictly (`validate`): a record the pipeline did not
+        write raises `InvalidDelivery` here, before anything could POST it."""
+        try:
+            d = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, memoryview, str)) else raw
+        except orjson.JSONDecodeError as exc:
+            raise InvalidDelivery(f"not JSON: {exc}") from exc
+        validate(d)
         return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
 
     def body(self, timestamp: int, fmt: str = "perfexapi") -> bytes:
@@ -151,6 +157,60 @@ class Delivery:
         if self.collapsed and self.collapsed > 1:
             extra["X-PerfexAPI-Collapsed"] = str(int(self.collapsed))
         return extra
+
+
+class InvalidDelivery(ValueError):
+    """A record on webhooks.deliveries or a tier that is not a delivery the pipeline wrote."""
+
+
+_STR = (str,)
+_NUM = (int, float)
+# field -> (accepted types, required). bool is an int in Python: refused separately below.
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": (_STR, True),
+    "endpoint_id": (_STR, True),
+    "event": (_STR, True),
+    "event_id": (_STR, True),
+    "occurred_at": (_STR, True),
+    "occurred_ts": (_NUM, True),
+    "resource_key": (_STR, True),
+    "data": ((dict,), True),
+    "previous": ((dict, type(None)), False),
+    "collapsed": ((int, type(None)), False),
+    "mode": (_STR, False),
+    "created_at": (_NUM, False),
+    "failures": ((int,), False),
+    "not_before": ((int, float, type(None)), False),
+    "attempts": ((list,), False),
+    "replays": ((int,), False),
+    # Written by a replay (route.replay_record), read by nothing but people.
+    "replayed_at": (_NUM, False),
+}
+MODES = ("immediate", "async", "smart")
+
+
+def validate(d: Any) -> None:
+    """Raise `InvalidDelivery` unless `d` has every field of a delivery with its type (strictly: no
+    number as a string, no bool as a number). Fields it does not know are ignored: a newer worker
+    may write more during a rolling upgrade."""
+    if not isinstance(d, dict):
+        raise InvalidDelivery(f"not a JSON object but {type(d).__name__}")
+    for name, (types, required) in _FIELDS.items():
+        if name not in d:
+            if required:
+                raise InvalidDelivery(f"{name} is missing")
+            continue
+        v = d[name]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise InvalidDelivery(f"{name} is {type(v).__name__}, not {'/'.join(t.__name__ for t in types)}")
+        if types is _STR and not v:
+            raise InvalidDelivery(f"{name} is empty")
+    if d.get("mode", "async") not in MODES:
+        raise InvalidDelivery(f"mode {str(d['mode'])[:20]!r} is not one of {', '.join(MODES)}")
+    if d.get("failures", 0) < 0 or d.get("replays", 0) < 0:
+        raise InvalidDelivery("failures and replays cannot be negative")
+    if not all(isinstance(a, dict) for a in d.get("attempts", ())):
+        raise InvalidDelivery("attempts holds something other than objects")
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,8 @@ class Dispatcher:
         self.max_waiting_per_endpoint = settings.max_in_flight_per_endpoint * 2
         # The worker's view of webhooks.dlq (app/observe.py sets it): see park().
         self.dlq_view: Any = None
+        # Delivery ids delivered lately (app/successes.py; the delivery agent sets it): each 2xx is added.
+        self.successes: Any = None
 
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
@@ -61,15 +63,25 @@ class Dispatcher:
         if sem is None:
             sem = self._per_endpoint[ep.id] = asyncio.Semaphore(self.settings.max_in_flight_per_endpoint)
         self._waiting[ep.id] = waiting + 1
+        attempt = None
         try:
-            async with sem, self._global:
-                metrics.IN_FLIGHT.inc()
-                try:
-                    attempt = await self.sender.attempt(d, ep)
-                finally:
-                    metrics.IN_FLIGHT.dec()
+            async with sem:
+                # The endpoint may have turned slow while this delivery queued for it: the queue
+                # behind a hung endpoint then moves on to a tier at once instead of waiting out one
+                # timeout after another and holding the consumer's records meanwhile.
+                if not (self._slow.get(ep.id) and self._waiting[ep.id] > self.max_waiting_per_endpoint):
+                    async with self._global:
+                        metrics.IN_FLIGHT.inc()
+                        try:
+                            attempt = await self.sender.attempt(d, ep)
+                        finally:
+                            metrics.IN_FLIGHT.dec()
         finally:
             self._waiting[ep.id] -= 1
+        if attempt is None:
+            metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
+            await self.follow(d, route.deferred(self.settings, d.failures, tier))
+            return
         self._slow[ep.id] = attempt.outcome in ("timeout", "connect_error") or attempt.latency_ms > 1000
         await self._after(d, ep.id, attempt)
         if self.registry.get(ep.id) is None:  # deleted while this attempt ran
@@ -94,6 +106,8 @@ class Dispatcher:
         self._log_attempt(d, record, None if a.ok else a.request)
         if a.ok:
             metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
+            if self.successes is not None:
+                self.successes.add(d.id)
             return
         d.failures += 1
         if a.retry_after:
@@ -134,11 +148,29 @@ class Dispatcher:
                 return
             await asyncio.sleep(0.02)
 
-    async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
-        """A record we cannot even decode still goes to the DLQ, never nowhere."""
-        rec = route.unreadable_record(key, value, reason)
-        metrics.DLQ_ENTRIES.labels(reason="unreadable").inc()
-        await self.outbox.publish(route.DLQ, rec["id"], orjson.dumps(rec))
+    async def park_poison(
+        self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int, error: BaseException
+    ) -> None:
+        """Park a record that cannot be decoded, validated or handled (`route.poison_record`) and
+        return only once the DLQ has it: the caller then finishes its offset. A publish that fails
+        is tried again (never given up on: the record must not be acked as done and lost)."""
+        rec = orjson.dumps(route.poison_record(key, value, topic, partition, offset, error))
+        dlq_key = route.poison_key(topic, partition, offset)
+        backoff = 0.5
+        while True:
+            try:
+                await self.outbox.publish(route.DLQ, dlq_key, rec)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("parking poison %s:%s@%s failed (%r); retrying", topic, partition, offset, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        logical = topic.removeprefix(self.settings.topic_prefix)
+        metrics.POISON.labels(topic=logical, error=type(error).__name__[:40]).inc()
+        metrics.DLQ_ENTRIES.labels(reason=route.POISON).inc()
+        log.warning("parked poison %s:%s@%s in the DLQ: %s: %s", topic, partition, offset, type(error).__name__, error)
 
     async def attempt_once(self, d: Delivery) -> Attempt:
         """One attempt of a test delivery (the admin page's "send a test event"): logged like any

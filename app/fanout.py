@@ -15,6 +15,8 @@ acknowledged by Kafka); Faust commits the contiguous acked prefix, so nothing is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -29,6 +31,7 @@ from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import InvalidEvent, parse_event
 from app.outbox import Outbox
+from app.route import TRIES
 from app.smart import (
     MARKER_BATCH,
     MARKER_HEADER,
@@ -67,9 +70,21 @@ class FanOut:
 
     # ---- per record ------------------------------------------------------------------------------
     async def handle(
-        self, key: bytes | None, value: bytes | None, headers: Any, partition: int, ack: Callable[[], Any]
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        partition: int,
+        ack: Callable[[], Any],
+        offset: int = -1,
     ) -> None:
-        """Route one record; `ack` is called once everything it started is safe. Never raises."""
+        """Route one record; `ack` is called once everything it started is safe. Never raises.
+
+        Bad input (the `parse_event` gate) is parked on crm.events.invalid. Work that raises is tried
+        `TRIES` times; if it still fails, or handling itself raises, the record is parked in the DLQ
+        as poison (`Dispatcher.park_poison`, which returns only once it landed) and acked: its
+        partition's commits never wait on it, and nothing of it is lost."""
+        poison = functools.partial(self._poison, key, value, partition, offset)
         try:
             if _is_marker(headers):
                 await self._flush(value)
@@ -79,7 +94,8 @@ class FanOut:
                 ev = parse_event(key, value, max_bytes=self.settings.max_event_bytes)
             except InvalidEvent as exc:
                 await self.slots.acquire()
-                self._ack_when_done([self._spawn(self._invalid(key, value, exc.reason, exc.detail))], ack)
+                invalid = functools.partial(self._invalid, key, value, exc.reason, exc.detail)
+                self._ack_when_done([self._spawn(invalid)], ack, poison)
                 return
             metrics.EVENTS_CONSUMED.labels(event=ev.event).inc()
             waits: list[Awaitable[Any]] = []
@@ -87,9 +103,9 @@ class FanOut:
             for ep in self.registry.matching(ev.event):
                 if ep.mode == "immediate":
                     await self.slots.acquire()
-                    waits.append(
-                        self._spawn(self.dispatcher.dispatch(Delivery.for_event(ev, ep, "immediate")))
-                    )
+                    d = Delivery.for_event(ev, ep, "immediate")
+                    # A fresh copy per try: a failed try may have changed the delivery it dispatched.
+                    waits.append(self._spawn(lambda d=d: self.dispatcher.dispatch(dataclasses.replace(d, attempts=[]))))
                 elif ep.mode == "smart":
                     k = smart_key(ep.id, ev.key)
                     self.pending[k] = add_event(self.pending.get(k), ev, now, partition)
@@ -97,21 +113,30 @@ class FanOut:
                     d = Delivery.for_event(ev, ep, "async")
                     await self.slots.acquire()
                     topic = route.queue_for("async")
-                    waits.append(self._spawn(self.outbox.publish(topic, d.resource_key, d.encode())))
-            self._ack_when_done(waits, ack)
-        except Exception:
+                    waits.append(self._spawn(functools.partial(self.outbox.publish, topic, d.resource_key, d.encode())))
+            self._ack_when_done(waits, ack, poison)
+        except Exception as exc:
             # Never let an exception escape the agent loop (its offset would be skipped). This is a
-            # bug path: park the record with the reason so it can be inspected and re-emitted.
-            log.exception("fan-out failed for a record; parking it in %s", route.INVALID)
-            try:
-                await self._invalid(key, value, "internal_error", "see worker log")
-            finally:
-                ack()
+            # bug path: the record is parked so it can be inspected and re-emitted, then acked.
+            log.exception("fan-out failed for a record; parking it in %s", route.DLQ)
+            self._ack_when_done([], ack, poison, exc)
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def _spawn(self, make: Callable[[], Awaitable[Any]]) -> asyncio.Task[Any]:
+        """Run `make()` as a task, trying it `TRIES` times in all before its error is returned."""
+
         async def run() -> None:
             try:
-                await coro
+                for n in range(1, TRIES + 1):
+                    try:
+                        await make()
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        if n == TRIES:
+                            raise
+                        log.exception("fan-out work failed (try %d of %d); trying again", n, TRIES)
+                        await asyncio.sleep(0.2 * n)
             finally:
                 self.slots.release()
 
@@ -120,23 +145,34 @@ class FanOut:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _ack_when_done(self, waits: list[Awaitable[Any]], ack: Callable[[], Any]) -> None:
-        if not waits:
+    def _ack_when_done(
+        self,
+        waits: list[Awaitable[Any]],
+        ack: Callable[[], Any],
+        poison: Callable[[BaseException], Awaitable[None]],
+        error: BaseException | None = None,
+    ) -> None:
+        if not waits and error is None:
             ack()
             return
 
         async def wait_then_ack() -> None:
             results = await asyncio.gather(*waits, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                # Not acked: the record is consumed again after a restart or rebalance.
-                log.error("fan-out work failed, record left unacked: %r", errors[0])
-                return
+            failed = error or next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                # Parked (retried until it lands), then acked: the partition's commits go on.
+                await poison(failed)
             ack()
 
         task = asyncio.ensure_future(wait_then_ack())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _poison(
+        self, key: bytes | None, value: bytes | None, partition: int, offset: int, error: BaseException
+    ) -> None:
+        topic = self.settings.topic(route.EVENTS)
+        await self.dispatcher.park_poison(key, value, topic, partition, offset, error)
 
     async def _invalid(self, key: bytes | None, value: bytes | None, reason: str, detail: str) -> None:
         metrics.INVALID_EVENTS.labels(reason=reason).inc()

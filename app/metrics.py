@@ -56,6 +56,18 @@ DLQ_ENTRIES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+POISON = Counter(
+    "webhooks_poison_records_total",
+    "Records parked in the DLQ (reason poison) because they could not be decoded, validated or "
+    "handled, by source topic and error class",
+    ["topic", "error"],
+    registry=REGISTRY,
+)
+DUPLICATES_SKIPPED = Counter(
+    "webhooks_duplicates_skipped_total",
+    "Deliveries read again (after a crash or rebalance) and skipped: their success is already recorded",
+    registry=REGISTRY,
+)
 DLQ_SIZE = Gauge("webhooks_dlq_size", "Deliveries currently in the DLQ view", registry=REGISTRY)
 REPLAYS = Counter("webhooks_replays_total", "DLQ entries replayed", registry=REGISTRY)
 SMART_COLLAPSED = Counter(

@@ -12,7 +12,7 @@ WEBHOOKS_TOPIC_PREFIX in front. No other module spells one. The life of a record
     attempt ─ 2xx ─► Done
             ─ else ► after_failure(): Tier(n) (a retry scheduled) | Dead(gone | forbidden_target | retries_exhausted)
     endpoint saturated ─► deferred(): Defer(tier) | Tier(n)
-    Dead(reason) ─► DLQ                                          dead_record(), unreadable_record()
+    Dead(reason) ─► DLQ                                          dead_record(), poison_record()
     replay ─► REPLAYS (= DELIVERIES), then a tombstone on DLQ    replay_record()
 
 The outcome types name where a delivery goes; the Dispatcher (app/dispatch.py) carries them out.
@@ -20,6 +20,7 @@ The outcome types name where a delivery goes; the Dispatcher (app/dispatch.py) c
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,8 @@ class Defer:
 @dataclass(frozen=True, slots=True)
 class Dead:
     """Parked in the DLQ: gone | forbidden_target | retries_exhausted | endpoint_deleted |
-    endpoint_disabled | unreadable."""
+    endpoint_disabled (and `POISON` for a record that is not a delivery we can handle:
+    `poison_record`)."""
 
     reason: str
     topic = DLQ
@@ -148,13 +150,35 @@ def dead_record(delivery: dict[str, Any], reason: str) -> dict[str, Any]:
     return {**delivery, "dlq_reason": reason, "dead_at": time.time()}
 
 
-def unreadable_record(key: bytes | None, value: bytes | None, error: str) -> dict[str, Any]:
-    """The DLQ entry of a record we cannot even decode: it still goes to the DLQ, never nowhere."""
+TRIES = 3  # tries of a valid record whose handling raises before it is parked as poison
+POISON = "poison"  # the DLQ reason of a record that cannot be decoded, validated or handled
+# Raw bytes kept in a parked record: base64 of this (1.87 MB) still fits the DLQ topic's 2 MiB
+# (topics.yaml), and covers any record of WEBHOOKS_MAX_EVENT_BYTES' default re-encoded.
+RAW_CAP = 1_400_000
+
+
+def poison_key(topic: str, partition: int, offset: int) -> str:
+    """A poison record's DLQ key names where it was read, so parking it again (after a crash) keeps
+    one entry, and two poison records never share one."""
+    return f"poison:{topic}:{partition}:{offset}"
+
+
+def poison_record(
+    key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int, error: BaseException
+) -> dict[str, Any]:
+    """The DLQ entry of a record that is not a delivery we can handle: its raw bytes (base64), where
+    it was read and why it was refused. Not replayable (no endpoint_id): it needs a person."""
+    raw = value or b""
     return {
-        "id": (key or b"unknown").decode("utf-8", "replace"),
-        "dlq_reason": "unreadable",
-        "error": error[:300],
-        "raw": (value or b"")[:100_000].decode("utf-8", "replace"),
+        "id": poison_key(topic, partition, offset),
+        "dlq_reason": POISON,
+        "error_class": type(error).__name__,
+        "error": str(error)[:300],
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "key_b64": None if key is None else base64.b64encode(key[:1000]).decode(),
+        "raw_b64": None if value is None else base64.b64encode(raw[:RAW_CAP]).decode(),
+        "raw_size": len(raw),
+        "raw_truncated": len(raw) > RAW_CAP,
         "dead_at": time.time(),
     }
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner, Result
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import route
@@ -267,3 +267,59 @@ def produce_load(settings: Settings, endpoints: dict[str, Endpoint], rounds: int
         p.send(route.EVENTS, f"invoice:{invoices[0]}", b"{not json")
         p.send(route.EVENTS, f"invoice:{invoices[1]}", {"id": "evt_x", "event": "no.such_event"})
     return Load(endpoints, invoices + leads, n, 2)
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """partition -> end offset (high watermark) of one logical topic."""
+    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "probe-" + uuid.uuid4().hex})
+    try:
+        name = settings.topic(topic)
+        parts = c.list_topics(name, timeout=10).topics[name].partitions
+        deadline = time.monotonic() + 30
+        while True:
+            try:  # a topic just created may not have its leaders yet
+                return {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        c.close()
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """partition -> offset `group` committed on one logical topic (-1001: nothing yet)."""
+    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+    try:
+        name = settings.topic(topic)
+        parts = c.list_topics(name, timeout=10).topics[name].partitions
+        return {tp.partition: tp.offset for tp in c.committed([TopicPartition(name, p) for p in parts], 10)}
+    finally:
+        c.close()
+
+
+def read_to_end(settings: Settings, topic: str, timeout: float = 30.0) -> list:
+    """Every record of one logical topic, up to its end offsets when called."""
+    ends = {p: e for p, e in end_offsets(settings, topic).items() if e > 0}
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": "reader-" + uuid.uuid4().hex,
+            "enable.auto.commit": False,
+        }
+    )
+    name = settings.topic(topic)
+    c.assign([TopicPartition(name, p, 0) for p in ends])
+    out: list = []
+    seen = dict.fromkeys(ends, -1)
+    deadline = time.monotonic() + timeout
+    try:
+        while any(seen[p] < e - 1 for p, e in ends.items()):
+            assert time.monotonic() < deadline, f"{topic} not read to its end within {timeout:.0f}s"
+            msg = c.poll(0.5)
+            if msg is not None and msg.error() is None and msg.offset() < ends[msg.partition()]:
+                out.append(msg)
+                seen[msg.partition()] = msg.offset()
+    finally:
+        c.close()
+    return out

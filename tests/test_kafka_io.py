@@ -56,8 +56,8 @@ class HoldingDispatcher:
         if d.id in self.held:
             await self.release.wait()
 
-    async def park_raw(self, key: bytes | None, value: bytes | None, reason: str) -> None:
-        self.parked.append(reason)
+    async def park_poison(self, key: Any, value: Any, topic: str, partition: int, offset: int, error: Any) -> None:
+        self.parked.append(f"{type(error).__name__} at {offset}")
 
 
 def _delivery(i: int) -> bytes:
@@ -107,7 +107,56 @@ def test_delivery_agent_commits_only_up_to_the_first_unfinished_record(settings:
             assert committed() == 5
             dispatcher.release.set()
             await wait_for(lambda: committed() == 21, "commit of everything once it finished")
-            assert dispatcher.parked[0].startswith("unreadable")
+            assert dispatcher.parked == ["InvalidDelivery at 20"]
+        finally:
+            await agent.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        probe.close()
+
+
+class RaisingDispatcher(HoldingDispatcher):
+    """Raises for one delivery id, every time: a valid record whose handling fails."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__(held=set())
+        self.bad = bad
+        self.tries = 0
+
+    async def dispatch(self, d: Delivery) -> None:
+        self.seen.append(d.id)
+        if d.id == self.bad:
+            self.tries += 1
+            raise RuntimeError("handling failed")
+
+
+def test_a_valid_record_whose_handling_raises_is_tried_three_times_then_parked(settings: Settings) -> None:
+    apply(settings)
+    topic = settings.topic("webhooks.deliveries")
+    p = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for i in range(3):
+        p.produce(topic, _delivery(i), b"invoice:1", partition=0)
+    assert p.flush(10) == 0
+    group = f"{settings.group_id}.deliveries"
+    probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+
+    async def go() -> None:
+        dispatcher = RaisingDispatcher(bad="dlv_1")
+        agent = DeliveryAgent(settings, dispatcher)  # type: ignore[arg-type]
+        await agent.start()
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                (tp,) = await asyncio.to_thread(probe.committed, [TopicPartition(topic, 0)], 5)
+                if tp.offset == 3:
+                    break  # committed past the record that always fails: it never stalls commits
+                assert time.monotonic() < deadline, f"committed {tp.offset}"
+                await asyncio.sleep(0.1)
+            assert dispatcher.tries == 3
+            assert dispatcher.parked == ["RuntimeError at 1"]
+            assert dispatcher.seen.count("dlv_0") == dispatcher.seen.count("dlv_2") == 1
         finally:
             await agent.stop()
 

@@ -8,7 +8,7 @@ import pytest
 
 from app import route
 from app.config import ConfigError, Settings, parse_duration
-from app.delivery import Delivery, parse_retry_after
+from app.delivery import Delivery, InvalidDelivery, parse_retry_after
 from app.events import ChangeEvent
 from app.offsets import OffsetBook, PartitionOffsets, lag
 from app.smart import add_event, due_at, event_of
@@ -136,6 +136,35 @@ def test_delivery_body_is_the_documented_shape() -> None:
     assert Delivery.decode(d.encode()) == d
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"occurred_ts": "1.5"},  # a number written as a string
+        {"failures": "0"},
+        {"attempts": "[]"},  # a list written as a string
+        {"attempts": {"n": 1}},
+        {"data": "not an object"},
+        {"failures": True},  # a bool is no count
+        {"mode": "sometimes"},
+        {"id": ""},
+        {"endpoint_id": None},
+        {"attempts": [1]},
+    ],
+)
+def test_a_mistyped_delivery_is_refused_before_anything_is_attempted(change: dict) -> None:
+    import orjson
+
+    rec = {**delivery(0).record(), **change}
+    with pytest.raises(InvalidDelivery):
+        Delivery.decode(orjson.dumps(rec))
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"null", b"{}", b'{"id": "dlv_1"}', b"\xff not json", b'"s"', b"1"])
+def test_what_is_no_delivery_record_at_all_is_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidDelivery):
+        Delivery.decode(raw)
+
+
 def test_repeat_filter_lets_one_of_a_kind_through_per_interval() -> None:
     import logging
 
@@ -153,3 +182,13 @@ def test_repeat_filter_lets_one_of_a_kind_through_per_interval() -> None:
     f._seen[("aiokafka", "Unable connect to node with id %s")] = (-1e9, 500)  # the interval is over
     again = rec("Unable connect to node with id %s")
     assert f.filter(again) and "500 more like this" in again.getMessage()
+
+
+def test_recent_successes_are_bounded_and_keep_the_newest() -> None:
+    from app.successes import RecentSuccesses
+
+    r = RecentSuccesses(Settings(), cap=100)
+    for i in range(1000):
+        r.add(f"dlv_{i}")
+    assert len(r) == 100
+    assert "dlv_999" in r and "dlv_900" in r and "dlv_899" not in r

@@ -5,17 +5,20 @@ agent: this is the hot path of async mode, and Faust's per-message stream machin
 Python fetch cost about twice the HTTP attempt itself (docs/performance.md). librdkafka fetches and
 decodes in its own C threads; one Python thread takes batches from it and hands them to the event
 loop, where each record becomes one `Dispatcher.dispatch` task (bounded: at most `max_in_flight * 8`
-records held, and the Dispatcher's global and per-endpoint caps on top).
+records held, and the Dispatcher's global and per-endpoint caps on top). The thread never waits
+for room: when the cap is reached it pauses its partitions and keeps polling, so a hung endpoint
+cannot keep it from polling past max.poll.interval and cost the worker its group membership.
 
 Offsets are committed only up to the first record not yet finished (app/consumers/base.py). A
-record whose dispatch raised stays unfinished: it is delivered again after a restart or rebalance,
-never skipped. On revocation the agent lets the revoked partitions' in-flight records finish (an
+record that is not a valid delivery, or whose dispatch raised three times, is parked in the DLQ as
+poison and finished: commits never wait on it. On revocation the agent lets the revoked partitions' in-flight records finish (an
 attempt never outlives the delivery timeout) and commits them before the partitions move.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -23,17 +26,21 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from app import route
+from app import metrics, route
 from app.config import Settings
 from app.consumers.base import RecordConsumer
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.health import HEALTH
+from app.successes import RecentSuccesses
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
-COMMIT_INTERVAL = 1.0  # seconds between offset commits while records flow
+# Commits follow finished records closely (at most this much later): after a crash the next owner
+# re-reads only what finished since (and skips those recorded as delivered: app/successes.py).
+COMMIT_INTERVAL = 0.1
+HANDOVER_WAIT = 0.5  # longest the thread waits for the loop to take a batch (then it pauses and polls)
 
 
 class DeliveryAgent(RecordConsumer[int]):
@@ -52,10 +59,15 @@ class DeliveryAgent(RecordConsumer[int]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
+        # Deliveries already delivered (a crash re-reads what was not committed): skipped.
+        self.successes = RecentSuccesses(settings)
+        dispatcher.successes = self.successes
 
     # ---- lifecycle (event loop) -------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        n = await asyncio.to_thread(self.successes.catch_up)
+        log.info("delivery agent: %d recent successes in the attempt log", n)
         self._consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.bootstrap_servers,
@@ -66,7 +78,7 @@ class DeliveryAgent(RecordConsumer[int]):
                 # A SIGKILLed worker's partitions move after this long; heartbeats run in librdkafka.
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 2_000,
-                "max.poll.interval.ms": 300_000,
+                "max.poll.interval.ms": int(self.settings.max_poll_interval * 1000),
                 "log_level": 4,
             },
             logger=logging.getLogger("perfex_webhooks.librdkafka"),
@@ -102,14 +114,30 @@ class DeliveryAgent(RecordConsumer[int]):
         consumer, loop = self._consumer, self._loop
         assert consumer is not None and loop is not None
         last_commit = last_lag = time.monotonic()
+        handover: concurrent.futures.Future[None] | None = None  # a batch the loop has not taken yet
+        paused = False
         while self._running:
             try:
+                if handover is not None and handover.done():
+                    handover = None
+                # Never wait for room: with every slot held (a hung endpoint) pause and keep polling,
+                # so this thread polls well within max.poll.interval and the group keeps it.
+                if self.full or handover is not None:
+                    consumer.pause(consumer.assignment())  # again each round: new partitions too
+                    paused = True
+                elif paused and self.has_room:
+                    consumer.resume(consumer.assignment())
+                    paused = False
                 first = consumer.poll(0.2)  # rebalance callbacks run inside this call
                 msgs = [first] if first is not None else []
                 if first is not None:
                     msgs += consumer.consume(BATCH - 1, 0)  # whatever else is already fetched
                 if msgs:
-                    asyncio.run_coroutine_threadsafe(self._take(msgs), loop).result()
+                    handover = asyncio.run_coroutine_threadsafe(self._take(msgs), loop)
+                    try:  # `take` never waits: this is only as long as the loop is busy
+                        handover.result(HANDOVER_WAIT)
+                    except concurrent.futures.TimeoutError:
+                        pass  # still handed over; paused until the loop has taken it
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_INTERVAL:
                     last_commit = now
@@ -148,6 +176,8 @@ class DeliveryAgent(RecordConsumer[int]):
 
     # ---- rebalance callbacks (consumer thread, inside poll) ---------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:  # they may come from a worker that died: learn what it had delivered
+            self.successes.catch_up()
         self.book.assign(tp.partition for tp in partitions)
         log.info("delivery agent assigned %s", sorted(tp.partition for tp in partitions))
 
@@ -181,7 +211,13 @@ class DeliveryAgent(RecordConsumer[int]):
                     log.warning("delivery agent: %s", err.str())
                 continue
             # A record fetched just before its partition was revoked is skipped: its next owner reads it.
-            await self.take(msg.partition(), msg.offset(), msg.key(), msg.value())
+            self.take(msg.partition(), msg.offset(), msg.key(), msg.value())
+
+    def where(self, partition: int) -> tuple[str, int]:
+        return self.topic, partition
 
     async def deliver(self, partition: int, delivery: Delivery) -> None:
+        if delivery.id in self.successes:
+            metrics.DUPLICATES_SKIPPED.inc()
+            return
         await self.dispatcher.dispatch(delivery)

@@ -38,7 +38,8 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
         super().__init__(settings, dispatcher, max_records=max_tasks)
         self.delays = dict(zip(route.tier_topics(settings), settings.retry_schedule, strict=True))
         self.index = {t: i for i, t in enumerate(route.tier_topics(settings))}
-        self.paused: dict[TopicPartition, float] = {}
+        self.paused: dict[TopicPartition, float] = {}  # not due yet: resumed at that time
+        self.held_back: set[TopicPartition] = set()  # paused while every slot is held
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._lag_at = 0.0
@@ -52,7 +53,7 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
             auto_offset_reset="earliest",
             max_poll_records=500,
             # A hung endpoint holds a record at most delivery_timeout; keep well inside this.
-            max_poll_interval_ms=300_000,
+            max_poll_interval_ms=int(self.settings.max_poll_interval * 1000),
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
         )
@@ -75,11 +76,13 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
         await self._drain(set(revoked), timeout=self.settings.delivery_timeout + 2)
         for tp in revoked:
             self.paused.pop(tp, None)
+            self.held_back.discard(tp)
         self.book.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         for tp in assigned:
             self.paused.pop(tp, None)
+            self.held_back.discard(tp)
         self.book.assign(assigned)
 
     async def _drain(self, tps: set[TopicPartition], timeout: float) -> None:
@@ -103,11 +106,17 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
         c = self.consumer
         while True:
             try:
+                if self.full:  # never wait for room: pause and keep polling (heartbeats, rebalances)
+                    self.held_back |= set(c.assignment()) - set(self.paused)
+                    c.pause(*self.held_back)
+                elif self.held_back and self.has_room:
+                    c.resume(*(tp for tp in self.held_back if tp in c.assignment() and tp not in self.paused))
+                    self.held_back.clear()
                 now = time.time()
                 for tp, due in list(self.paused.items()):
                     if due <= now:
                         del self.paused[tp]
-                        if tp in c.assignment():
+                        if tp in c.assignment() and tp not in self.held_back:
                             c.resume(tp)
                 wait = min([0.5, *[due - now for due in self.paused.values()]])
                 batches = await c.getmany(timeout_ms=max(10, int(wait * 1000)), max_records=500)
@@ -123,7 +132,7 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
                             c.pause(tp)
                             self.paused[tp] = due
                             break
-                        await self.take(tp, rec.offset, rec.key, rec.value)
+                        self.take(tp, rec.offset, rec.key, rec.value)
                 await self._commit()
                 self._update_lag()
             except asyncio.CancelledError:
@@ -134,6 +143,9 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
                     return
                 log.exception("retry tiers loop; continuing")
                 await asyncio.sleep(1)
+
+    def where(self, partition: TopicPartition) -> tuple[str, int]:
+        return partition.topic, partition.partition
 
     async def deliver(self, partition: TopicPartition, delivery: Delivery) -> None:
         await self.dispatcher.dispatch(delivery, tier=self.index[partition.topic])
