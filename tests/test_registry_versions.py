@@ -7,7 +7,9 @@ record in the topic, the CLI or racing writers; a 410 Gone that races an update 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,13 @@ from app.topic_tables import read_table
 from tests.helpers import cli, cli_json, eventually, metric
 from tests.receiver import Receiver, Reply
 from tests.workers import OUTPUT, WorkerProcess
+
+
+def read_all_values(settings: Settings, ep_id: str) -> list[dict[str, Any]]:
+    """Every record of `ep_id` in the registry topic, in order (before any compaction)."""
+    seen: list[dict[str, Any]] = []
+    read_table(settings, TOPIC, on_record=lambda k, v: seen.append(v) if k == ep_id and v else None)
+    return seen
 
 
 def two_workers(settings: Settings, workers: Any) -> tuple[WorkerProcess, WorkerProcess]:
@@ -40,10 +49,21 @@ def show(w: WorkerProcess, ep_id: str) -> dict[str, Any]:
     return r.json()  # type: ignore[no-any-return]
 
 
-def test_rotation_on_one_worker_survives_stale_writes_everywhere(
+def test_registry_writes_based_on_a_stale_version_are_refused(
     settings: Settings, receiver: Receiver, workers: Any
 ) -> None:
+    """One pair of workers for every case (starting workers is most of the cost)."""
     a, b = two_workers(settings, workers)
+    t0 = time.monotonic()
+    rotation_on_one_worker_survives_stale_writes_everywhere(settings, receiver, a, b)
+    t1 = time.monotonic()
+    disable_by_410_racing_an_update_keeps_both(settings, receiver, a, b)
+    print(f"rotation and stale writes {t1 - t0:.1f}s, 410 race {time.monotonic() - t1:.1f}s")
+
+
+def rotation_on_one_worker_survives_stale_writes_everywhere(
+    settings: Settings, receiver: Receiver, a: WorkerProcess, b: WorkerProcess
+) -> None:
     r = a.api("POST", "/api/endpoints", json={"url": receiver.url("/hook"), "events": "invoice.*", "mode": "immediate"})
     assert r.status_code == 201, r.text
     ep_id, first_secret = r.json()["id"], r.json()["secret"]
@@ -100,7 +120,7 @@ def test_rotation_on_one_worker_survives_stale_writes_everywhere(
     lock = threading.Lock()
 
     def writer(w: WorkerProcess, name: str) -> None:
-        for i in range(6):
+        for i in range(4):
             r = w.api("PATCH", f"/api/endpoints/{ep_id}", json={"description": f"{name}{i}"})
             with lock:
                 answers.append((r.status_code, r.json()))
@@ -110,7 +130,7 @@ def test_rotation_on_one_worker_survives_stale_writes_everywhere(
         t.start()
     for t in threads:
         t.join(60)
-    assert len(answers) == 12 and {s for s, _ in answers} <= {200, 409}, answers
+    assert len(answers) == 8 and {s for s, _ in answers} <= {200, 409}, answers
     won = sorted(doc["version"] for s, doc in answers if s == 200)
     assert won == list(range(3, 3 + len(won))), answers  # no version given out twice, no gaps
     final = max((doc for s, doc in answers if s == 200), key=lambda d: d["version"])
@@ -119,13 +139,12 @@ def test_rotation_on_one_worker_survives_stale_writes_everywhere(
         assert (now["version"], now["description"]) == (final["version"], final["description"])
     ep = read_endpoints(settings)[ep_id]
     assert (ep.version, ep.description, ep.secret) == (final["version"], final["description"], new_secret)
-    print(f"racing writers: {len(won)} x 200, {12 - len(won)} x 409")
+    print(f"racing writers: {len(won)} x 200, {8 - len(won)} x 409")
 
 
-def test_410_disable_racing_an_update_keeps_both(
-    settings: Settings, receiver: Receiver, workers: Any
+def disable_by_410_racing_an_update_keeps_both(
+    settings: Settings, receiver: Receiver, a: WorkerProcess, b: WorkerProcess
 ) -> None:
-    a, b = two_workers(settings, workers)
     r = a.api("POST", "/api/endpoints", json={"url": receiver.url("/gone"), "events": "lead.deleted", "mode": "immediate"})
     assert r.status_code == 201, r.text
     ep_id = r.json()["id"]
@@ -159,3 +178,45 @@ def test_410_disable_racing_an_update_keeps_both(
     assert (ep.enabled, ep.description, ep.version) == (False, f"patched on {b.port}", 4)
     assert sum(metric(w.metrics(), "webhooks_endpoints_disabled_total") for w in (a, b)) == 1
     assert len(receiver.received("/gone")) == 1
+
+
+def test_410_disable_based_on_a_stale_view_re_reads_and_retries(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dispatcher's own write loses (its view is deterministically stale: the update below is
+    produced while the event loop is blocked, so the registry follower cannot have read it), and the
+    disable is made again on top of the update."""
+    from app.delivery import HttpSender
+    from app.dispatch import Dispatcher
+    from app.endpoints import Registry, create_endpoint
+    from app.outbox import Outbox
+    from app.topics import apply
+
+    apply(settings)
+    ep = create_endpoint(settings, url="http://127.0.0.1:9/gone", events="lead.*", mode="immediate")
+
+    async def go() -> None:
+        registry, outbox = Registry(settings), Outbox(settings)
+        await asyncio.gather(registry.start(), outbox.start())
+        try:
+            await registry.write(ep.id, ep, lambda rec: outbox.publish(TOPIC, ep.id, rec))
+            with Producer(settings) as p:  # another writer, based on version 1 too
+                p.send(TOPIC, ep.id, update_endpoint(settings, ep, {"description": "updated"}).record())
+            assert registry.get(ep.id) == ep  # the view does not have the update yet
+            dispatcher = Dispatcher(settings, registry, HttpSender(settings), outbox)
+            await dispatcher.disable_endpoint(ep.id, "410 Gone from the endpoint")
+            now = registry.get(ep.id)
+            assert now is not None
+            assert (now.version, now.enabled, now.description) == (3, False, "updated"), now
+        finally:
+            await outbox.stop()
+            await registry.stop()
+
+    with caplog.at_level("INFO", logger="app.dispatch"):
+        asyncio.run(go())
+    assert any("re-reading" in r.getMessage() for r in caplog.records), "the first disable did not lose"
+    final = read_endpoints(settings)[ep.id]
+    assert (final.version, final.enabled, final.description) == (3, False, "updated")
+    assert final.disabled_reason == "410 Gone from the endpoint"
+    versions = [r["version"] for r in read_all_values(settings, ep.id)]
+    assert versions == [1, 2, 2, 2, 3], versions  # the update, our lost disable, the update again
