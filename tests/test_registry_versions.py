@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app import route
 from app.config import Settings
-from app.endpoints import TOPIC, StaleWrite, read_endpoints, update_endpoint, write_endpoint
+from app.endpoints import StaleWrite, read_endpoints, update_endpoint, write_endpoint
 from app.producer import Producer
 from app.signing import verify_hex
 from app.topic_tables import read_table
@@ -28,7 +30,7 @@ from tests.workers import OUTPUT, WorkerProcess
 def read_all_values(settings: Settings, ep_id: str) -> list[dict[str, Any]]:
     """Every record of `ep_id` in the registry topic, in order (before any compaction)."""
     seen: list[dict[str, Any]] = []
-    read_table(settings, TOPIC, on_record=lambda k, v: seen.append(v) if k == ep_id and v else None)
+    read_table(settings, route.ENDPOINTS, on_record=lambda k, v: seen.append(v) if k == ep_id and v else None)
     return seen
 
 
@@ -88,18 +90,19 @@ def rotation_on_one_worker_survives_stale_writes_everywhere(
     # A writer whose view was a moment stale puts its record in the topic anyway (Kafka has no
     # compare-and-set): version 2, the old secret, the old state. Every reader ignores it.
     with Producer(settings) as p:
-        p.send(TOPIC, ep_id, update_endpoint(settings, stale, {"description": "stale write"}).record())
+        stale_write = update_endpoint(settings, stale, {"description": "stale write"}).next_version()
+        p.send(route.ENDPOINTS, ep_id, stale_write.record())
     for w in (a, b):
         now = show(w, ep_id)  # each worker first catches up with every acknowledged write
         assert (now["version"], now["description"], now["grace_secret_active"]) == (2, "", False), now
     assert read_endpoints(settings)[ep_id].secret == new_secret  # the CLI's reader
     assert cli_json(settings, "endpoints", "show", ep_id)["version"] == 2
-    assert read_table(settings, TOPIC)[ep_id]["description"] == "stale write"  # it is in the topic
+    assert read_table(settings, route.ENDPOINTS)[ep_id]["description"] == "stale write"  # it is in the topic
 
     # The CLI writing from its stale read: refused, the rotation written again after its record.
     with pytest.raises(StaleWrite, match="now at version 2"):
         write_endpoint(settings, ep_id, stale.changed(enabled=False))
-    last = read_table(settings, TOPIC)[ep_id]  # what a reader sees once compaction has run
+    last = read_table(settings, route.ENDPOINTS)[ep_id]  # what a reader sees once compaction has run
     assert (last["version"], last["secret"], last["enabled"]) == (2, new_secret, True)
     res = cli(settings, "endpoints", "disable", ep_id, "--if-version", "1")
     assert res.exit_code == 1, res.output
@@ -193,16 +196,19 @@ def test_410_disable_based_on_a_stale_view_re_reads_and_retries(
     from app.topics import apply
 
     apply(settings)
-    ep = create_endpoint(settings, url="http://127.0.0.1:9/gone", events="lead.*", mode="immediate")
+    local = replace(settings, allow_private_targets=True)  # the URL is never called
+    ep = create_endpoint(local, url="http://127.0.0.1:9/gone", events="lead.*", mode="immediate")
 
     async def go() -> None:
         registry, outbox = Registry(settings), Outbox(settings)
         await asyncio.gather(registry.start(), outbox.start())
         try:
-            await registry.write(ep.id, ep, lambda rec: outbox.publish(TOPIC, ep.id, rec))
+            written = await registry.write(ep.id, ep, lambda rec: outbox.publish(route.ENDPOINTS, ep.id, rec))
+            assert written is not None and written.version == 1
+            update = update_endpoint(local, written, {"description": "updated"}).next_version()
             with Producer(settings) as p:  # another writer, based on version 1 too
-                p.send(TOPIC, ep.id, update_endpoint(settings, ep, {"description": "updated"}).record())
-            assert registry.get(ep.id) == ep  # the view does not have the update yet
+                p.send(route.ENDPOINTS, ep.id, update.record())
+            assert registry.get(ep.id) == written  # the view does not have the update yet
             dispatcher = Dispatcher(settings, registry, HttpSender(settings), outbox)
             await dispatcher.disable_endpoint(ep.id, "410 Gone from the endpoint")
             now = registry.get(ep.id)
