@@ -30,6 +30,7 @@ def _errors_to_one_line(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from app.client import ClientError
+        from app.endpoints import StaleWrite
         from app.events import InvalidEvent
         from app.producer import ProduceError
         from app.topics import TopicsError
@@ -40,7 +41,7 @@ def _errors_to_one_line(fn: F) -> F:
             raise
         except ClientError as exc:
             raise UserError(exc.message) from exc
-        except (ConfigError, InvalidEvent, ProduceError, TopicsError, ValueError, KeyError) as exc:
+        except (ConfigError, InvalidEvent, ProduceError, TopicsError, ValueError, KeyError, StaleWrite) as exc:
             raise UserError(str(exc).strip("'\"")) from exc
 
     return wrapper  # type: ignore[return-value]
@@ -74,12 +75,14 @@ def main(ctx: click.Context, env_file: str, api_url: str | None) -> None:
     ctx.obj = {"api": api_url or os.environ.get("WEBHOOKS_API_URL") or None}
 
 
-def api_client() -> Any:
+def api_client(if_version: int | None = None) -> Any:
     """The admin API client when `--api`/`WEBHOOKS_API_URL` is given (None: talk to Kafka)."""
     root = click.get_current_context().find_root()
     url = (root.obj or {}).get("api")
     if not url:
         return None
+    if if_version is not None:  # the client does not send If-Match (yet); a lost race is still 409
+        raise UserError("--if-version works only against Kafka, not with --api / WEBHOOKS_API_URL")
     from app.client import Client
 
     return Client(url, os.environ.get("WEBHOOKS_ADMIN_TOKEN") or None)
@@ -235,13 +238,19 @@ def endpoints() -> None:
     """Manage webhook endpoints (stored in the webhooks.endpoints topic)."""
 
 
-def _write_endpoint(s: Settings, ep: Any, delete: bool = False) -> None:
-    from app import route
-    from app.producer import Producer
-    from app.secretbox import box_for
+def _write_endpoint(s: Settings, ep: Any, delete: bool = False) -> Any:
+    """Write, then read back: a write that lost to a concurrent one is StaleWrite (exit 1).
+    Returns the endpoint as written (its new version); `ep` for a delete."""
+    from app.endpoints import write_endpoint
 
-    with Producer(s) as p:
-        p.send(route.ENDPOINTS, ep.id, None if delete else ep.record(box_for(s.secrets_key)))
+    return write_endpoint(s, ep.id, None if delete else ep) or ep
+
+
+IF_VERSION = click.option(
+    "--if-version",
+    type=int,
+    help="refuse unless the endpoint is still at this version (as `show --json` printed it)",
+)
 
 
 def _print_endpoint(ep_public: dict[str, Any]) -> None:
@@ -298,7 +307,7 @@ def endpoints_add(
         ep = create_endpoint(
             s, url=url, events=events, mode=mode, secret=secret, description=description, format=fmt
         )
-        _write_endpoint(s, ep)
+        ep = _write_endpoint(s, ep)
     if as_json:
         print_json({**ep.public(), "secret": ep.secret})
     else:
@@ -332,11 +341,13 @@ def endpoints_list(as_json: bool) -> None:
         click.echo(f"{e.id}  {state} {e.mode:<9} {e.url}  [{', '.join(e.events)}]")
 
 
-def _load(ep_id: str) -> tuple[Settings, Any]:
-    from app.endpoints import find, read_endpoints
+def _load(ep_id: str, if_version: int | None = None) -> tuple[Settings, Any]:
+    from app.endpoints import check_version, find, read_endpoints
 
     s = settings()
-    return s, find(read_endpoints(s), ep_id)
+    ep = find(read_endpoints(s), ep_id)
+    check_version(ep, if_version)
+    return s, ep
 
 
 @endpoints.command("show")
@@ -357,20 +368,20 @@ def endpoints_show(endpoint_id: str, as_json: bool) -> None:
         _print_endpoint(row)
 
 
-def _set_enabled(endpoint_id: str, enabled: bool, as_json: bool) -> None:
+def _set_enabled(endpoint_id: str, enabled: bool, as_json: bool, if_version: int | None) -> None:
     from app.endpoints import update_endpoint
 
-    api = api_client()
+    api = api_client(if_version)
     if api is not None:
         with api:
             done = api.enable_endpoint(endpoint_id) if enabled else api.disable_endpoint(endpoint_id)
         row = _api_endpoint(done)
     else:
-        s, ep = _load(endpoint_id)
+        s, ep = _load(endpoint_id, if_version)
         new = update_endpoint(s, ep, {"enabled": enabled})
         if not enabled:
             new = new.changed(disabled_reason="disabled by operator")
-        _write_endpoint(s, new)
+        new = _write_endpoint(s, new)
         row = new.public()
     if as_json:
         print_json(row)
@@ -380,34 +391,37 @@ def _set_enabled(endpoint_id: str, enabled: bool, as_json: bool) -> None:
 
 @endpoints.command("enable")
 @click.argument("endpoint_id")
+@IF_VERSION
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
-def endpoints_enable(endpoint_id: str, as_json: bool) -> None:
+def endpoints_enable(endpoint_id: str, if_version: int | None, as_json: bool) -> None:
     """Enable an endpoint (also one disabled by a 410)."""
-    _set_enabled(endpoint_id, True, as_json)
+    _set_enabled(endpoint_id, True, as_json, if_version)
 
 
 @endpoints.command("disable")
 @click.argument("endpoint_id")
+@IF_VERSION
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
-def endpoints_disable(endpoint_id: str, as_json: bool) -> None:
+def endpoints_disable(endpoint_id: str, if_version: int | None, as_json: bool) -> None:
     """Disable an endpoint: its deliveries go to the DLQ until it is enabled."""
-    _set_enabled(endpoint_id, False, as_json)
+    _set_enabled(endpoint_id, False, as_json, if_version)
 
 
 @endpoints.command("delete")
 @click.argument("endpoint_id")
+@IF_VERSION
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
-def endpoints_delete(endpoint_id: str, as_json: bool) -> None:
+def endpoints_delete(endpoint_id: str, if_version: int | None, as_json: bool) -> None:
     """Delete an endpoint (a tombstone on the compacted registry topic)."""
-    api = api_client()
+    api = api_client(if_version)
     if api is not None:
         with api:
             api.delete_endpoint(endpoint_id)
     else:
-        s, ep = _load(endpoint_id)
+        s, ep = _load(endpoint_id, if_version)
         _write_endpoint(s, ep, delete=True)
     if as_json:
         print_json({"id": endpoint_id, "deleted": True})
@@ -420,15 +434,16 @@ def endpoints_delete(endpoint_id: str, as_json: bool) -> None:
 @click.option(
     "--grace", default="24h", show_default=True, help="how long the old secret still signs (max 24h)"
 )
+@IF_VERSION
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
-def endpoints_rotate(endpoint_id: str, grace: str, as_json: bool) -> None:
+def endpoints_rotate(endpoint_id: str, grace: str, if_version: int | None, as_json: bool) -> None:
     """New primary secret; the old one stays valid for --grace."""
     from app.config import parse_duration
     from app.endpoints import rotate_secret
 
     seconds = parse_duration(grace, "--grace")
-    api = api_client()
+    api = api_client(if_version)
     if api is not None:
         with api:
             made = api.rotate_secret(endpoint_id, seconds)
@@ -439,9 +454,9 @@ def endpoints_rotate(endpoint_id: str, grace: str, as_json: bool) -> None:
             public=lambda: _api_endpoint(made),
         )
     else:
-        s, ep = _load(endpoint_id)
+        s, ep = _load(endpoint_id, if_version)
         new = rotate_secret(ep, seconds)
-        _write_endpoint(s, new)
+        new = _write_endpoint(s, new)
     if as_json:
         print_json({**new.public(), "secret": new.secret})
     else:

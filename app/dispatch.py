@@ -20,7 +20,7 @@ import orjson
 from app import metrics, route
 from app.config import Settings
 from app.delivery import Attempt, Delivery, HttpSender
-from app.endpoints import Registry
+from app.endpoints import Registry, StaleWrite
 from app.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,27 @@ class Dispatcher:
         # The attempt log is observability: queue it, do not hold the delivery for its ack.
         self.outbox.send_untracked(route.ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
 
-    async def disable_endpoint(self, endpoint_id: str, reason: str) -> None:
-        ep = self.registry.get(endpoint_id)
-        if ep is None or not ep.enabled:
+    async def disable_endpoint(self, endpoint_id: str, reason: str, tries: int = 5) -> None:
+        """Disable after a 410. The write is based on the version this worker's view holds; if
+        another write based on it came first (an update, a rotation), re-read and try again, so both
+        survive (app/endpoints.py `RegistryState`)."""
+
+        async def send(value: Any) -> None:
+            raw = None if value is None else orjson.dumps(value)
+            await self.outbox.publish(route.ENDPOINTS, endpoint_id, raw)
+
+        for _ in range(tries):
+            ep = self.registry.get(endpoint_id)
+            if ep is None or not ep.enabled:
+                return
+            try:
+                await self.registry.write(endpoint_id, ep.changed(enabled=False, disabled_reason=reason), send)
+            except StaleWrite as exc:
+                log.info("disabling %s after a 410: %s; re-reading", endpoint_id, exc)
+                continue
+            except TimeoutError:
+                log.warning("endpoint %s: disable after a 410 sent, not yet read back", endpoint_id)
+            metrics.ENDPOINTS_DISABLED_BY_410.inc()
+            log.warning("endpoint %s disabled: %s", endpoint_id, reason)
             return
-        new = ep.changed(enabled=False, disabled_reason=reason)
-        self.registry.apply_local(new, endpoint_id)
-        metrics.ENDPOINTS_DISABLED_BY_410.inc()
-        await self.outbox.publish(route.ENDPOINTS, endpoint_id, orjson.dumps(self.registry.record(new)))
-        log.warning("endpoint %s disabled: %s", endpoint_id, reason)
+        log.error("endpoint %s: not disabled after a 410: %d concurrent writes came first", endpoint_id, tries)

@@ -14,7 +14,7 @@ import binascii
 import logging
 import secrets as _secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -52,6 +52,7 @@ class Endpoint:
     format: str = "perfexapi"
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    version: int = 0  # as read from the registry; a write stores version + 1 (RegistryState)
 
     def secrets_now(self, now: float | None = None) -> list[str]:
         """Live secrets, primary first; the grace secret expires by itself at grace_expires_at."""
@@ -80,6 +81,7 @@ class Endpoint:
             "grace_expires_at": self.grace_expires_at if grace else None,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "version": self.version,
         }
 
     def record(self, box: SecretBox | None = None) -> dict[str, Any]:
@@ -97,13 +99,76 @@ class Endpoint:
         """Raises SecretsKeyError for a sealed secret that `box` cannot open (TypeError: not a record)."""
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
         known["events"] = tuple(known.get("events") or ())
+        known["version"] = record_version(d)
         for name in ("secret", "grace_secret"):
             if isinstance(known.get(name), str):
                 known[name] = open_value(box, known[name])
         return cls(**known)
 
     def changed(self, **kw: Any) -> Endpoint:
+        """Changed in memory; still at the version it was read at (the write raises it)."""
         return replace(self, updated_at=time.time(), **kw)
+
+    def next_version(self) -> Endpoint:
+        """What a write based on this endpoint stores: the version it was read at, plus one."""
+        return replace(self, version=self.version + 1)
+
+
+def record_version(d: Any) -> int:
+    """A record's version; 0 for a record written before versions existed."""
+    v = d.get("version") if isinstance(d, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+class RegistryState:
+    """The one rule by which every reader (each worker's Registry, the CLI) folds the registry topic,
+    so that all of them agree on every endpoint whatever worker wrote what.
+
+    Kafka has no compare-and-set, so a write based on a stale view still lands in the topic. Every
+    write states the version it read plus one; a record is applied only if its version is higher
+    than the applied record's. Of two writes based on the same version, the first in the topic (one
+    partition: one order for every reader) wins and the second is ignored everywhere. A tombstone
+    (delete) always applies, and ids are never reused, so a record for a deleted id is ignored.
+    The losing writer learns it lost by reading back its own record (`ep_id`'s applied record is
+    not the one it wrote), answers 409, and writes the winner again, so that compaction, which keeps
+    only the last record per key, keeps the winner for readers that start later.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}  # the applied record per id, as read
+        self.deleted: set[str] = set()  # ids seen deleted since this reader started
+
+    def apply(self, key: str, value: Any) -> bool:
+        """Fold one record in; False if it is ignored (stale, for a deleted id, or not a record)."""
+        if value is None:
+            self.records.pop(key, None)
+            self.deleted.add(key)
+            return True
+        if not isinstance(value, dict) or key in self.deleted:
+            return False
+        current = self.records.get(key)
+        if current is not None and record_version(value) <= record_version(current):
+            return False
+        self.records[key] = value
+        return True
+
+
+class StaleWrite(Exception):
+    """A registry write lost to another one based on the same version (or to a delete)."""
+
+    def __init__(self, ep_id: str, current: int | None) -> None:
+        now = "it has been deleted" if current is None else f"it is now at version {current}"
+        super().__init__(
+            f"endpoint {ep_id} was changed by another writer ({now}); "
+            "nothing of this change was kept: read it again and retry"
+        )
+        self.current = current
+
+
+def check_version(ep: Endpoint, expected: int | None) -> None:
+    """Refuse a change stated against another version than the one we read (If-Match, --if-version)."""
+    if expected is not None and expected != ep.version:
+        raise StaleWrite(ep.id, ep.version)
 
 
 def validate_mode(mode: str) -> str:
@@ -210,13 +275,43 @@ def read_endpoints(settings: Settings) -> dict[str, Endpoint]:
     from app.topic_tables import read_table
 
     box = box_for(settings.secrets_key)
+    state = RegistryState()
+    read_table(settings, route.ENDPOINTS, on_record=state.apply)
     out: dict[str, Endpoint] = {}
-    for k, v in read_table(settings, route.ENDPOINTS).items():
+    for k, v in state.records.items():
         try:
             out[k] = Endpoint.from_record(v, box)
         except SecretsKeyError as exc:
             raise ValueError(f"endpoint {k}: {exc}") from None
     return out
+
+
+def write_endpoint(settings: Settings, ep_id: str, ep: Endpoint | None) -> Endpoint | None:
+    """The CLI's registry write (None: delete): written, then the topic read back whole with the
+    readers' rule. Raises StaleWrite, after writing the winner again, if another write came first."""
+    from app.producer import Producer
+    from app.topic_tables import read_table
+
+    ep = None if ep is None else ep.next_version()
+    rec = None if ep is None else ep.record(box_for(settings.secrets_key))
+    with Producer(settings) as p:
+        p.send(route.ENDPOINTS, ep_id, rec)
+    if ep is None:
+        return None  # a delete always applies
+    state = RegistryState()
+    won: list[Any] = []
+
+    def fold(key: str, value: Any) -> None:
+        if state.apply(key, value) and key == ep_id and record_version(value) == ep.version:
+            won.append(value)
+
+    read_table(settings, route.ENDPOINTS, on_record=fold)
+    if won and won[-1] == rec:
+        return ep
+    current = state.records.get(ep_id)
+    with Producer(settings) as p:
+        p.send(route.ENDPOINTS, ep_id, current)
+    raise StaleWrite(ep_id, None if current is None else record_version(current))
 
 
 def reencrypt_all(settings: Settings) -> int:
@@ -229,7 +324,9 @@ def reencrypt_all(settings: Settings) -> int:
     eps = read_endpoints(settings)
     with Producer(settings) as p:
         for ep in eps.values():
-            p.send(route.ENDPOINTS, ep.id, ep.record(box))
+            # A new version, so readers apply it; one that loses to a concurrent write is simply
+            # not needed (the winner was sealed by its writer).
+            p.send(route.ENDPOINTS, ep.id, ep.next_version().record(box))
     return len(eps)
 
 
@@ -249,11 +346,21 @@ class Registry:
         self.box = box_for(settings.secrets_key)
         self._by_event: dict[str, list[Endpoint]] = {}
         self._endpoints: dict[str, Endpoint] = {}
+        self.state = RegistryState()
+        # (id, version) of writes awaiting their read-back -> [the record applied at it, waiters]
+        self._watch: dict[tuple[str, int], list[Any]] = {}
         self._notify = on_change
         self.on_delete: list[Callable[[str], None]] = []  # called with the id of a deleted endpoint
         self.table = TopicTable(settings, route.ENDPOINTS, on_change=self._changed)
 
     def _changed(self, key: str, value: Any) -> None:
+        if not self.state.apply(key, value):
+            if value is not None:
+                log.info("endpoint %s: ignored a stale write (version %d)", key, record_version(value))
+            return
+        watch = self._watch.get((key, record_version(value))) if value is not None else None
+        if watch is not None:
+            watch[0] = value
         if value is None:
             if self._endpoints.pop(key, None) is not None:
                 for forget in self.on_delete:
@@ -292,10 +399,46 @@ class Registry:
             hit = self._by_event[event] = [e for e in self._endpoints.values() if e.wants(event)]
         return hit
 
-    def apply_local(self, ep: Endpoint | None, ep_id: str) -> None:
-        """Show our own write at once; the topic echo that follows is idempotent."""
-        self._changed(ep_id, None if ep is None else ep.record())
+    def applied(self, ep_id: str) -> dict[str, Any] | None:
+        """The record this view applied for `ep_id` (as read from the topic; None: none or deleted)."""
+        return self.state.records.get(ep_id)
 
     def record(self, ep: Endpoint) -> dict[str, Any]:
         """The record this worker writes for `ep` (secrets sealed when a key is set)."""
         return ep.record(self.box)
+
+    async def write(
+        self,
+        ep_id: str,
+        ep: Endpoint | None,
+        send: Callable[[dict[str, Any] | None], Awaitable[Any]],
+        timeout: float = 10.0,
+    ) -> Endpoint | None:
+        """Write `ep` (None: delete) through `send` (which waits for Kafka's ack), then read it back;
+        returns what was written (at the version it was read at, plus one).
+
+        Raises StaleWrite if another write based on the same version came first (RegistryState):
+        the winner is written again first, so compaction cannot keep our record instead of it.
+        Raises TimeoutError if this view cannot confirm the outcome within `timeout`.
+        """
+        if ep is None:
+            await send(None)
+            await self.table.caught_up(timeout)
+            return None  # a delete always applies
+        ep = ep.next_version()
+        rec = self.record(ep)
+        slot = (ep_id, ep.version)
+        watch = self._watch.setdefault(slot, [None, 0])
+        watch[1] += 1
+        try:
+            await send(rec)
+            await self.table.caught_up(timeout)
+            if watch[0] == rec:  # the record applied at our version is ours
+                return ep
+        finally:
+            watch[1] -= 1
+            if not watch[1]:
+                self._watch.pop(slot, None)
+        applied = self.applied(ep_id)
+        await send(applied)  # the winner (None: the endpoint was deleted) is the last record again
+        raise StaleWrite(ep_id, None if applied is None else record_version(applied))

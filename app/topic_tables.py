@@ -32,8 +32,15 @@ def _decode(value: bytes | None) -> Any:
         return None
 
 
-def read_table(settings: Settings, topic: str, timeout: float = 15.0) -> dict[str, Any]:
-    """Read a keyed topic from the beginning to its current end; the last value per key wins."""
+def read_table(
+    settings: Settings,
+    topic: str,
+    timeout: float = 15.0,
+    on_record: Callable[[str, Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Read a keyed topic from the beginning to its current end; the last value per key wins.
+
+    `on_record(key, value)` sees every record in topic order (a reader with its own fold rule)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
     quiet = logging.getLogger("perfex_webhooks.rdkafka")
@@ -77,6 +84,8 @@ def read_table(settings: Settings, topic: str, timeout: float = 15.0) -> dict[st
                     continue
                 key = (msg.key() or b"").decode("utf-8", "replace")
                 val = _decode(msg.value())
+                if on_record is not None:
+                    on_record(key, val)
                 if val is None:
                     view.pop(key, None)
                 else:

@@ -12,7 +12,7 @@ from app import route
 from app.admin.http import ApiError
 from app.attempt_log import AttemptLog
 from app.config import Settings
-from app.endpoints import Endpoint
+from app.endpoints import Endpoint, StaleWrite
 from app.outbox import PublishError
 
 log = logging.getLogger("app.admin")
@@ -118,6 +118,17 @@ class AdminContext:
         view["last_hour"] = self.attempts.stats(ep.id, time.time())
         return view
 
-    async def store(self, ep_id: str, ep: Endpoint | None) -> None:
-        await self.acked(route.ENDPOINTS, ep_id, None if ep is None else self.registry.record(ep))
-        self.registry.apply_local(ep, ep_id)
+    async def store(self, ep_id: str, ep: Endpoint | None) -> Endpoint | None:
+        """Write `ep` (None: delete) and read it back: 409 if a write based on the same version
+        came first (from another worker, the CLI or a 410), 503 if the outcome is not confirmed.
+        Returns the endpoint as written (its new version)."""
+
+        async def send(value: Any) -> None:
+            await self.acked(route.ENDPOINTS, ep_id, value)
+
+        try:
+            return await self.registry.write(ep_id, ep, send)  # type: ignore[no-any-return]
+        except StaleWrite as exc:
+            raise ApiError(409, str(exc)) from exc
+        except TimeoutError as exc:
+            raise ApiError(503, "the write was sent but this worker could not read it back; check") from exc

@@ -1,7 +1,9 @@
 """Endpoint routes: list, create, show, change, enable/disable, delete, rotate the secret.
 
-Writes are read-modify-write on the registry view, serialised per worker by `ctx.write_lock` and
-applied to this worker's view before the response. Secrets leave only in create and rotate answers.
+Writes are read-modify-write on the registry view, serialised per worker by `ctx.write_lock`; each
+states the version it read (the view's after `registry_fresh`, or the client's `If-Match`) and is
+read back before the response: one based on a stale version answers 409 (app/endpoints.py
+`RegistryState`). Secrets leave only in create and rotate answers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from app.admin.context import AdminContext, log
 from app.admin.http import ApiError, check_fields, grace_seconds, json_response, read_json
 from app.catalog import load_catalog, matches
 from app.delivery import Delivery, new_delivery_id
-from app.endpoints import Endpoint, create_endpoint, rotate_secret, update_endpoint
+from app.endpoints import Endpoint, StaleWrite, check_version, create_endpoint, rotate_secret, update_endpoint
 from app.events import now_rfc3339
 
 
@@ -37,6 +39,17 @@ def test_delivery(ep: Endpoint) -> Delivery:
         data={"id": "test", "test": "true", "note": "test event sent from the admin page"},
         mode=ep.mode,
     )
+
+
+def if_match(request: web.Request) -> int | None:
+    """The version the client based its change on (`If-Match: 3` or `"3"`), if it stated one."""
+    raw = request.headers.get("If-Match")
+    if raw is None or raw.strip() == "*":
+        return None
+    try:
+        return int(raw.strip().removeprefix("W/").strip('"'))
+    except ValueError:
+        raise ApiError(400, "If-Match: give the endpoint's version, e.g. If-Match: \"3\"") from None
 
 
 class EndpointRoutes:
@@ -92,7 +105,7 @@ class EndpointRoutes:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
         async with self.ctx.write_lock:
-            await self.ctx.store(ep.id, ep)
+            ep = await self.ctx.store(ep.id, ep) or ep
         # The only response (with rotate-secret) that carries the secret.
         return json_response({**self.ctx.endpoint_view(ep), "secret": ep.secret}, 201)
 
@@ -116,33 +129,42 @@ class EndpointRoutes:
         if not doc:
             raise ApiError(400, "nothing to change: give url, events, mode, format, description or enabled")
         changes = {k: v for k, v in doc.items() if v is not None}
-        return await self._change(request.match_info["id"], changes)
+        return await self._change(request, changes)
 
     async def enable(self, request: web.Request) -> web.Response:
         await read_json(request, optional=True)
-        return await self._change(request.match_info["id"], {"enabled": True})
+        return await self._change(request, {"enabled": True})
 
     async def disable(self, request: web.Request) -> web.Response:
         await read_json(request, optional=True)
-        return await self._change(request.match_info["id"], {"enabled": False})
+        return await self._change(request, {"enabled": False})
 
-    async def _change(self, ep_id: str, changes: dict[str, Any]) -> web.Response:
+    async def _current(self, request: web.Request) -> Endpoint:
+        """The endpoint as of every acknowledged write, at the version the client read (or 409)."""
+        expected = if_match(request)
+        await self.ctx.registry_fresh()
+        ep = self.ctx.endpoint(request.match_info["id"])
+        try:
+            check_version(ep, expected)
+        except StaleWrite as exc:
+            raise ApiError(409, str(exc)) from exc
+        return ep
+
+    async def _change(self, request: web.Request, changes: dict[str, Any]) -> web.Response:
         async with self.ctx.write_lock:
-            await self.ctx.registry_fresh()
-            ep = self.ctx.endpoint(ep_id)
+            ep = await self._current(request)
             try:
                 new = await asyncio.to_thread(update_endpoint, self.ctx.settings, ep, changes)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from exc
             if changes.get("enabled") is False:
                 new = new.changed(disabled_reason="disabled by operator")
-            await self.ctx.store(new.id, new)
+            new = await self.ctx.store(new.id, new) or new
         return json_response(self.ctx.endpoint_view(new))
 
     async def delete(self, request: web.Request) -> web.Response:
         async with self.ctx.write_lock:
-            await self.ctx.registry_fresh()
-            ep = self.ctx.endpoint(request.match_info["id"])
+            ep = await self._current(request)
             await self.ctx.store(ep.id, None)
         return json_response({"id": ep.id, "deleted": True})
 
@@ -170,12 +192,11 @@ class EndpointRoutes:
         check_fields(doc, {"grace": (str, int, float), "secret": (str,)})
         grace = grace_seconds(doc.get("grace"))
         async with self.ctx.write_lock:
-            await self.ctx.registry_fresh()
-            ep = self.ctx.endpoint(request.match_info["id"])
+            ep = await self._current(request)
             try:
                 new = rotate_secret(ep, grace, doc.get("secret") or None)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from exc
-            await self.ctx.store(new.id, new)
+            new = await self.ctx.store(new.id, new) or new
         log.info("endpoint %s: secret rotated (grace %.0fs)", new.id, grace)
         return json_response({**self.ctx.endpoint_view(new), "secret": new.secret})
