@@ -126,6 +126,8 @@ def check_live_sizes(settings: Settings, timeout: float = 5.0) -> None:
     names = list(required_message_bytes(settings))
     existing = admin.list_topics(timeout=timeout).topics
     res = [ConfigResource(ConfigResource.Type.TOPIC, settings.topic(n)) for n in names if settings.topic(n) in existing]
+    if not res:  # none of them exists yet (or the metadata lags a fresh create): nothing to check
+        return
     limits = {}
     for r, fut in admin.describe_configs(res, request_timeout=timeout * 2).items():
         entry = fut.result().get("max.message.bytes")

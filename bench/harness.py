@@ -35,7 +35,7 @@ from devtools.local_broker import KAFKA_VERSION, LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = Path(os.environ.get("BENCH_OUTPUT", REPO / "test-output" / "bench"))
-ADMIN_TOKEN = "bench-admin-token-0123456789"
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdefghijklmnop"  # the worker refuses < 32 characters
 
 
 # ---- broker -----------------------------------------------------------------------------------------
