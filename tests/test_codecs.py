@@ -22,6 +22,7 @@ from app.endpoints import create_endpoint
 from app.events import build_event
 from app.health import EXIT_FAILED
 from app.route import ENDPOINTS, TIERS
+from tests.helpers import with_receivers
 
 pytestmark = pytest.mark.kafka
 
@@ -73,7 +74,7 @@ def test_every_codec_is_read_on_every_topic(settings, receiver, workers, produce
     # Registry: one endpoint per codec, each written compressed with that codec.
     eps = {}
     for codec in CODECS:
-        ep = create_endpoint(settings, url=receiver.url(f"/{codec}"), events="invoice.paid", mode="immediate")
+        ep = create_endpoint(with_receivers(settings), url=receiver.url(f"/{codec}"), events="invoice.paid", mode="immediate")
         produce(codec, ENDPOINTS, ep.id, ep.record())
         eps[codec] = ep
     w = workers(WEBHOOKS_RETRY_SCHEDULE=FAST)
@@ -132,7 +133,7 @@ def no_codec_libraries(tmp_path: Path) -> str:
 def test_a_crashed_fetcher_turns_ready_503_and_ends_the_worker_non_zero(
     settings, receiver, workers, produce, no_codec_libraries
 ) -> None:
-    ep = create_endpoint(settings, url=receiver.url("/a"), events="invoice.paid", mode="immediate")
+    ep = create_endpoint(with_receivers(settings), url=receiver.url("/a"), events="invoice.paid", mode="immediate")
     produce("gzip", ENDPOINTS, ep.id, ep.record())
     w = workers(WEBHOOKS_RETRY_SCHEDULE=FAST, PYTHONPATH=no_codec_libraries)
     key, value = build_event("invoice.paid", "7", {"id": "7"})

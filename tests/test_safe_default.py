@@ -67,9 +67,9 @@ def test_default_worker_refuses_private_urls_and_never_posts_to_one(settings, re
     literal = register(settings, receiver, "/literal", "invoice.*", "immediate")
     by_name = register(settings, receiver, "/by-name", "invoice.*", "async")
     assert by_name.url.startswith("http://127.0.0.1:")
-    from app.endpoints import TOPIC
+    from app.route import ENDPOINTS as TOPIC
 
-    by_name = by_name.changed(url=by_name.url.replace("127.0.0.1", "localhost"))
+    by_name = by_name.changed(url=by_name.url.replace("127.0.0.1", "localhost")).next_version()
     with Producer(settings) as p:
         p.send(TOPIC, by_name.id, by_name.record())
     eventually(lambda: len(w.api("GET", "/api/endpoints").json()["endpoints"]) == 2, 15, "registry seen by the worker")
