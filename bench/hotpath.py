@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from app.consumers.deliveries import DeliveryAgent
-from app.delivery import Delivery, HttpSender
+from app.delivery import Delivery, HttpSender, delivery_id_for
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import build_event, parse_event
@@ -120,7 +120,9 @@ def run(
         ep2 = register(s, rx.url("/consumer"), "invoice.*", "async")
         with Producer(s) as p:
             for d in items:
-                d.endpoint_id = ep2.id
+                # A new endpoint is a new delivery (its own id): the agent skips ids whose success
+                # the attempt log already holds, as the dispatcher stage's are.
+                d.endpoint_id, d.id = ep2.id, delivery_id_for(d.event_id, ep2.id, d.mode)
                 p.send("webhooks.deliveries", d.resource_key, d.encode())
         cpu_agent = asyncio.run(_run_agent(s, deliveries, rx, "/consumer"))
         c_stats = rx.stats("/consumer")
