@@ -8,6 +8,7 @@ It is idempotent: a second run reports no change.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -125,7 +126,11 @@ def check_live_sizes(settings: Settings, timeout: float = 5.0) -> None:
     admin = admin_client(settings, timeout)
     names = list(required_message_bytes(settings))
     existing = admin.list_topics(timeout=timeout).topics
-    res = [ConfigResource(ConfigResource.Type.TOPIC, settings.topic(n)) for n in names if settings.topic(n) in existing]
+    res = [
+        ConfigResource(ConfigResource.Type.TOPIC, settings.topic(n))
+        for n in names
+        if settings.topic(n) in existing
+    ]
     if not res:  # none of them exists yet (or the metadata lags a fresh create): nothing to check
         return
     limits = {}
@@ -172,6 +177,30 @@ def resolve_replication(settings: Settings, timeout: float = 5.0) -> int:
 
 def _log_warning(line: str) -> None:
     logging.getLogger("perfex_webhooks").warning("%s", line)
+
+
+def _await_visible(admin: Any, wanted: dict[str, int], timeout: float) -> None:
+    """Wait until metadata shows each created topic with all its partitions led.
+
+    CreateTopics returns once the controller has the topics; brokers' metadata follows a moment
+    later. A worker started right after `topics apply` (or a second apply) must not find them
+    missing and try to create or subscribe to nothing.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        missing = [
+            n
+            for n, parts in wanted.items()
+            if n not in topics
+            or len(topics[n].partitions) < parts
+            or any(p.leader < 0 for p in topics[n].partitions.values())
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TopicsError(f"created topics not visible in metadata after {timeout:.0f} s: {missing}")
+        time.sleep(0.1)
 
 
 def apply(
@@ -231,6 +260,7 @@ def apply(
             except Exception as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent apply won the race
                     raise TopicsError(f"creating {name}: {exc}") from exc
+        _await_visible(admin, {settings.topic(s.name): s.partitions for s in to_create}, timeout * 2)
 
     present = [s for s in specs if s not in to_create]
     grow = {
