@@ -18,7 +18,7 @@ from app.catalog import load_catalog, matches
 from app.cli import main
 from app.config import Settings
 from app.topics import apply, load_specs
-from tests.helpers import missing, read_all
+from tests.helpers import eventually, missing, read_all
 
 ROOT = Path(__file__).resolve().parent.parent
 # The product contract beside the checkout (../shared), or beside the worktrees' parent (../../shared).
@@ -80,7 +80,9 @@ def test_topics_apply_creates_every_topic_then_changes_nothing(settings: Setting
         settings.topic(s.name) for s in specs
     }
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
-    md = admin.list_topics(timeout=10).topics
+    names = {settings.topic(s.name) for s in specs}
+    # The brokers' metadata may trail the controller by a moment (apply waits, then only warns).
+    md = eventually(lambda: (t := admin.list_topics(timeout=10).topics).keys() >= names and t, 60, "metadata")
     resources = [ConfigResource(ConfigResource.Type.TOPIC, settings.topic(s.name)) for s in specs]
     described = {r.name: f.result() for r, f in admin.describe_configs(resources).items()}
     for s in specs:

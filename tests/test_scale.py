@@ -203,7 +203,7 @@ def test_second_worker_joins_first_leaves_nothing_lost(
         assert deliveries, f"burst {ticket}: no smart delivery"
         for d in deliveries:
             if d["payload"]["n"] != str(saves - 1):
-                cut_short.append(f"{ticket}: delivery {d['id']} carries save {d['data']['n']} of {saves}")
+                cut_short.append(f"{ticket}: delivery {d['id']} carries save {d['payload']['n']} of {saves}")
         merged = [d.get("collapsed", 1) for d in deliveries]
         assert max(merged) >= saves, f"burst {ticket}: no delivery merges all {saves} saves: {merged}"
         if len(deliveries) > 1:
