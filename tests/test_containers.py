@@ -35,27 +35,15 @@ import yaml
 
 from app.config import Settings
 from app.producer import Producer
+from tests.containers.images import COMPOSE_FILES, DEPLOY, ROOT, WORKER_IMAGE, build_all, run
 from tests.helpers import eventually
 from tests.receiver import Receiver
 
 # Cold, the image builds take ~10 min on 2 busy cores (docs/operations.md); cached, seconds.
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-HERE = ROOT / "tests" / "containers"
-COMPOSE_FILES = [DEPLOY / "docker-compose.yml", HERE / "compose.test.yml"]
-CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-WORKER_IMAGE = "localhost/perfex-webhooks:local"  # what compose's `perfex-webhooks:local` resolves to
 PORT = Settings().web_port
 EVENTS = 20
-
-
-def run(*cmd: str | Path, timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
-    return res
 
 
 def answers(probe: Callable[[], Any]) -> Callable[[], Any]:
@@ -76,47 +64,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def kafka_libs() -> Path:
-    from devtools.local_broker import fetch_jars
-
-    return fetch_jars()
-
-
-def build(dockerfile: str, context: Path, tag: str, base: str, **args: str) -> None:
-    """podman build with the Debian base; the host's CA bundle is a build secret (pip, behind a
-    TLS-intercepting proxy), never a layer. --format docker keeps HEALTHCHECK (OCI has none)."""
-    cmd: list[str | Path] = ["podman", "build", "--format", "docker", "-f", context / dockerfile, "-t", tag]
-    for k, v in {"BASE_IMAGE": base, **args}.items():
-        cmd += ["--build-arg", f"{k}={v}"]
-    if CA_BUNDLE.exists():
-        cmd += ["--secret", f"id=ca-bundle,src={CA_BUNDLE}"]
-    run(*cmd, context, timeout=1200)
-
-
-def compose_doc(path: Path) -> dict[str, Any]:
-    # compose.test.yml uses the compose tags !reset/!override: read it without them.
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    return yaml.load(path.read_text(), Loader=Loader)
-
-
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
     if shutil.which("podman") is None:
         pytest.fail('podman is missing: scripts/bootstrap installs it (or deselect: -m "not containers")')
-    base = run(ROOT / "scripts" / "base-image", timeout=900).stdout.strip().splitlines()[-1]
-    services = compose_doc(COMPOSE_FILES[0])["services"]
-    b = services["topics"]["build"]
-    assert services["worker"]["image"] == services["topics"]["image"] == "perfex-webhooks:local"
-    build(b["dockerfile"], (DEPLOY / b["context"]).resolve(), WORKER_IMAGE, base)
-    test_services = compose_doc(COMPOSE_FILES[1])["services"]
-    libs = kafka_libs().resolve().relative_to(ROOT)  # the context is the repository root
-    for name, extra in (("kafka", {"KAFKA_LIBS": str(libs)}), ("prometheus", {})):
-        svc = test_services[name]
-        build(svc["build"]["dockerfile"], (DEPLOY / svc["build"]["context"]).resolve(), svc["image"], base, **extra)
-    return {"base": base, "worker": WORKER_IMAGE}
+    return build_all()
 
 
 def inspect(name: str) -> dict[str, Any]:
