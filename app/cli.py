@@ -392,11 +392,47 @@ def _set_enabled(endpoint_id: str, enabled: bool, as_json: bool, if_version: int
 @endpoints.command("enable")
 @click.argument("endpoint_id")
 @IF_VERSION
+@click.option("--replay", is_flag=True, help="also replay its deliveries parked in the DLQ (while disabled)")
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
-def endpoints_enable(endpoint_id: str, if_version: int | None, as_json: bool) -> None:
-    """Enable an endpoint (also one disabled by a 410)."""
-    _set_enabled(endpoint_id, True, as_json, if_version)
+def endpoints_enable(endpoint_id: str, if_version: int | None, replay: bool, as_json: bool) -> None:
+    """Enable an endpoint (also one disabled by a 410 or auto-disabled), and offer to replay what
+    was parked for it while it was disabled."""
+    from app.endpoint_health import enable
+
+    row = enable(settings, api_client(if_version), endpoint_id, replay, if_version)
+    if as_json:
+        print_json(row)
+        return
+    click.echo(f"endpoint {row['id']} enabled")
+    if replay:
+        click.echo(f"{row['replayed']} parked deliveries replayed")
+    elif row.get("parked"):
+        click.echo(
+            f"{row['parked']} deliveries are parked for it in the DLQ: "
+            f"`perfex-webhooks endpoints enable {row['id']} --replay` (or `dlq replay --endpoint`) sends them"
+        )
+
+
+@endpoints.command("breaker")
+@click.argument("endpoint_id")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_breaker(endpoint_id: str, as_json: bool) -> None:
+    """Show an endpoint's circuit breaker (closed, half_open, open), as a worker's admin API sees it
+    (--api / WEBHOOKS_API_URL: each worker keeps its own breaker)."""
+    from app.endpoint_health import breaker_lines
+
+    api = api_client()
+    if api is None:
+        raise UserError("the breaker lives in the workers: give a worker's admin API (--api URL or WEBHOOKS_API_URL)")
+    with api:
+        state = api.breaker(endpoint_id)
+    if as_json:
+        print_json(state)
+    else:
+        for line in breaker_lines(state):
+            click.echo(line)
 
 
 @endpoints.command("disable")

@@ -130,6 +130,9 @@ class Endpoint:
     updated_at: float = 0.0
     failure_streak: int = 0
     last_attempt: Attempt | None = None
+    breaker: dict[str, Any] | None = None  # the answering worker's circuit breaker (app/breaker.py)
+    parked: int = 0  # replayable DLQ entries of this endpoint
+    replayed: int | None = None  # from enable_endpoint(..., replay=True)
     secret: str | None = field(default=None, repr=False)  # only from create and rotate
 
     @classmethod
@@ -235,9 +238,14 @@ class _Calls:
         return Call("PATCH", f"/api/endpoints/{ep_id}", Endpoint.from_api, json=_clean(changes))
 
     @staticmethod
-    def set_enabled(ep_id: str, enabled: bool) -> Call[Endpoint]:
+    def set_enabled(ep_id: str, enabled: bool, replay: bool = False) -> Call[Endpoint]:
         action = "enable" if enabled else "disable"
-        return Call("POST", f"/api/endpoints/{ep_id}/{action}", Endpoint.from_api)
+        params = {"replay": "true"} if replay else None
+        return Call("POST", f"/api/endpoints/{ep_id}/{action}", Endpoint.from_api, params=params)
+
+    @staticmethod
+    def breaker(ep_id: str) -> Call[dict[str, Any]]:
+        return Call("GET", f"/api/endpoints/{ep_id}/breaker", dict)
 
     @staticmethod
     def delete_endpoint(ep_id: str) -> Call[None]:
@@ -400,8 +408,13 @@ class Client(_Base):
     def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:
         return self._run(_Calls.update_endpoint(endpoint_id, changes))
 
-    def enable_endpoint(self, endpoint_id: str) -> Endpoint:
-        return self._run(_Calls.set_enabled(endpoint_id, True))
+    def enable_endpoint(self, endpoint_id: str, replay: bool = False) -> Endpoint:
+        """Enable; `replay=True` also replays its parked (DLQ) deliveries (`Endpoint.replayed`)."""
+        return self._run(_Calls.set_enabled(endpoint_id, True, replay))
+
+    def breaker(self, endpoint_id: str) -> dict[str, Any]:
+        """The answering worker's circuit breaker of the endpoint."""
+        return self._run(_Calls.breaker(endpoint_id))
 
     def disable_endpoint(self, endpoint_id: str) -> Endpoint:
         return self._run(_Calls.set_enabled(endpoint_id, False))
@@ -533,8 +546,11 @@ class AsyncClient(_Base):
     async def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:
         return await self._run(_Calls.update_endpoint(endpoint_id, changes))
 
-    async def enable_endpoint(self, endpoint_id: str) -> Endpoint:
-        return await self._run(_Calls.set_enabled(endpoint_id, True))
+    async def enable_endpoint(self, endpoint_id: str, replay: bool = False) -> Endpoint:
+        return await self._run(_Calls.set_enabled(endpoint_id, True, replay))
+
+    async def breaker(self, endpoint_id: str) -> dict[str, Any]:
+        return await self._run(_Calls.breaker(endpoint_id))
 
     async def disable_endpoint(self, endpoint_id: str) -> Endpoint:
         return await self._run(_Calls.set_enabled(endpoint_id, False))

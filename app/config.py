@@ -139,6 +139,54 @@ def _poll_interval(text: str) -> float:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """Endpoint health (app/breaker.py, docs/admin.md "Endpoint health"): the circuit breaker,
+    auto-disable and the operator webhook."""
+
+    # The breaker opens after this many consecutive failed attempts (0: never on a streak) ...
+    breaker_failures: int = 10
+    # ... or when over `breaker_rate` of at least `breaker_min_attempts` attempts in the last
+    # `breaker_window` seconds failed (rate 0: never on a rate).
+    breaker_rate: float = 0.5
+    breaker_window: float = 60.0
+    breaker_min_attempts: int = 20
+    # Open this long before one probe (half-open) tests the endpoint again. Default: the first
+    # tier's delay, so a held delivery's next retry finds the probe free (a lone failing delivery
+    # keeps all its attempts).
+    breaker_cooldown: float = 30.0
+    # An endpoint failing continuously for this long is disabled (0: never). Svix: 5 days.
+    auto_disable_after: float = 5 * 86400.0
+    # Told (a signed JSON POST) when an endpoint is disabled automatically; None: log and metric only.
+    operator_webhook_url: str | None = None
+    operator_webhook_secret: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, e: Mapping[str, str], first_tier: float = 30.0) -> HealthSettings:
+        def duration(name: str, default: str) -> float:
+            return parse_duration(e.get(name) or default, name)
+
+        rate = _number(e, "WEBHOOKS_BREAKER_FAILURE_RATE", 0.5)
+        if rate > 1:
+            raise ConfigError("WEBHOOKS_BREAKER_FAILURE_RATE: a share between 0 and 1, e.g. 0.5")
+        secret = e.get("WEBHOOKS_OPERATOR_WEBHOOK_SECRET") or None
+        if e.get("WEBHOOKS_OPERATOR_WEBHOOK_URL") and (secret is None or len(secret) < 16):
+            raise ConfigError(
+                "WEBHOOKS_OPERATOR_WEBHOOK_SECRET: the operator webhook is signed; give a secret of 16+ "
+                "characters (e.g. `openssl rand -hex 32`)"
+            )
+        return cls(
+            breaker_failures=int(_number(e, "WEBHOOKS_BREAKER_FAILURES", 10)),
+            breaker_rate=rate,
+            breaker_window=duration("WEBHOOKS_BREAKER_WINDOW", "60s"),
+            breaker_min_attempts=max(1, int(_number(e, "WEBHOOKS_BREAKER_MIN_ATTEMPTS", 20))),
+            breaker_cooldown=duration("WEBHOOKS_BREAKER_COOLDOWN", f"{first_tier}s"),
+            auto_disable_after=duration("WEBHOOKS_AUTO_DISABLE_AFTER", "5d"),
+            operator_webhook_url=e.get("WEBHOOKS_OPERATOR_WEBHOOK_URL") or None,
+            operator_webhook_secret=secret,
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str = "localhost:9092"
     topic_prefix: str = ""
@@ -176,6 +224,7 @@ class Settings:
     data_dir: str = ".cache/faust-data"
     # Replicas of every topic; None: min(3, brokers in the cluster) (app/topics.py).
     replication_factor: int | None = None
+    health: HealthSettings = field(default_factory=HealthSettings)  # breaker, auto-disable
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -223,6 +272,7 @@ class Settings:
             data_dir=e.get("WEBHOOKS_DATA_DIR") or ".cache/faust-data",
             replication_factor=_positive(e.get("WEBHOOKS_REPLICATION_FACTOR"), "WEBHOOKS_REPLICATION_FACTOR"),
             max_poll_interval=_poll_interval(e.get("WEBHOOKS_MAX_POLL_INTERVAL") or "300s"),
+            health=HealthSettings.from_env(e, first_tier=schedule[0]),
         )
 
     def check_serving(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from app import metrics, route
+from app.breaker import EndpointHealth
 from app.config import Settings
 from app.delivery import Attempt, Delivery, HttpSender
 from app.endpoints import Registry, StaleWrite
@@ -44,16 +45,29 @@ class Dispatcher:
         self.dlq_view: Any = None
         # Delivery ids delivered lately (app/successes.py; the delivery agent sets it): each 2xx is added.
         self.successes: Any = None
+        # Circuit breakers and auto-disable (app/breaker.py).
+        self.health = EndpointHealth(settings, sender, self.disable_endpoint)
 
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
         """Attempt `d` (read from tier `tier`, or fresh) and send it where its outcome says."""
         ep = self.registry.get(d.endpoint_id)
         instead = route.before_attempt(None if ep is None else ep.enabled, d.not_before, tier, time.time())
+        if instead == route.Dead("endpoint_disabled") and d.replays:
+            # A replay made on re-enable may reach a worker whose registry view lags that write.
+            ep = await self._fresh_endpoint(d.endpoint_id)
+            instead = route.before_attempt(None if ep is None else ep.enabled, d.not_before, tier, time.time())
         if instead is not None:
             await self.follow(d, instead)
             return
         assert ep is not None
+        gate = self.health.admit(ep)
+        if gate is None:  # its circuit breaker is open: on to the next tier, no attempt
+            metrics.child(metrics.DELIVERIES, ep.id, d.mode, "breaker_open").inc()
+            d.failures += 1
+            await self.follow(d, route.held(self.settings, d.failures))
+            await self.health.check(ep)
+            return
         waiting = self._waiting.get(ep.id, 0)
         if waiting >= self.max_waiting_per_endpoint and self._slow.get(ep.id):
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
@@ -79,10 +93,14 @@ class Dispatcher:
         finally:
             self._waiting[ep.id] -= 1
         if attempt is None:
+            self.health.breakers.release(ep.id, gate)
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
             await self.follow(d, route.deferred(self.settings, d.failures, tier))
             return
         self._slow[ep.id] = attempt.outcome in ("timeout", "connect_error") or attempt.latency_ms > 1000
+        # The breaker counts the attempt before the delivery moves on: a breaker it opens is open
+        # from before the retry's timestamp, so a probe is due when the retry is (cooldown = tier).
+        await self.health.after(ep, attempt.ok, gate)
         await self._after(d, ep.id, attempt)
         if self.registry.get(ep.id) is None:  # deleted while this attempt ran
             self.forget_endpoint(ep.id)
@@ -95,6 +113,14 @@ class Dispatcher:
         self._waiting.pop(ep_id, None)
         self._per_endpoint.pop(ep_id, None)
         self._slow.pop(ep_id, None)  # (its metric series end at the next scrape: app/web.py)
+        self.health.breakers.forget(ep_id)
+
+    async def _fresh_endpoint(self, ep_id: str) -> Any:
+        try:
+            await self.registry.table.caught_up(5)
+        except Exception as exc:  # Kafka slow: decide on the view we have
+            log.info("registry view not confirmed fresh for a replay: %s", exc)
+        return self.registry.get(ep_id)
 
     async def _after(self, d: Delivery, endpoint_id: str, a: Attempt) -> None:
         record = a.record()
@@ -112,8 +138,8 @@ class Dispatcher:
         d.failures += 1
         if a.retry_after:
             d.not_before = a.at + a.retry_after
-        if a.outcome == "gone":
-            await self.disable_endpoint(endpoint_id, "410 Gone from the endpoint")
+        if a.outcome == "gone" and await self.disable_endpoint(endpoint_id, "410 Gone from the endpoint"):
+            metrics.ENDPOINTS_DISABLED_BY_410.inc()
         await self.follow(d, route.after_failure(self.settings, d.failures, a.outcome))
 
     async def follow(self, d: Delivery, next_: route.Next) -> None:
@@ -197,8 +223,8 @@ class Dispatcher:
         # The attempt log is observability: queue it, do not hold the delivery for its ack.
         self.outbox.send_untracked(route.ATTEMPTS, d.endpoint_id, orjson.dumps(rec))
 
-    async def disable_endpoint(self, endpoint_id: str, reason: str, tries: int = 5) -> None:
-        """Disable after a 410. The write is based on the version this worker's view holds; if
+    async def disable_endpoint(self, endpoint_id: str, reason: str, tries: int = 5) -> bool:
+        """Disable after a 410 or by auto-disable (app/breaker.py); True if this call did. The write is based on the version this worker's view holds; if
         another write based on it came first (an update, a rotation), re-read and try again, so both
         survive (app/endpoints.py `RegistryState`)."""
 
@@ -209,15 +235,15 @@ class Dispatcher:
         for _ in range(tries):
             ep = self.registry.get(endpoint_id)
             if ep is None or not ep.enabled:
-                return
+                return False
             try:
                 await self.registry.write(endpoint_id, ep.changed(enabled=False, disabled_reason=reason), send)
             except StaleWrite as exc:
-                log.info("disabling %s after a 410: %s; re-reading", endpoint_id, exc)
+                log.info("disabling %s (%s): %s; re-reading", endpoint_id, reason, exc)
                 continue
             except TimeoutError:
-                log.warning("endpoint %s: disable after a 410 sent, not yet read back", endpoint_id)
-            metrics.ENDPOINTS_DISABLED_BY_410.inc()
+                log.warning("endpoint %s: disable (%s) sent, not yet read back", endpoint_id, reason)
             log.warning("endpoint %s disabled: %s", endpoint_id, reason)
-            return
-        log.error("endpoint %s: not disabled after a 410: %d concurrent writes came first", endpoint_id, tries)
+            return True
+        log.error("endpoint %s: not disabled (%s): %d concurrent writes came first", endpoint_id, reason, tries)
+        return False

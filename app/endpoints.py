@@ -63,7 +63,9 @@ class Endpoint:
         return live
 
     def wants(self, event: str) -> bool:
-        return self.enabled and matches(self.events, event)
+        """Whether the fan-out makes it a delivery. A disabled endpoint still gets its deliveries:
+        they are parked in the DLQ (`endpoint_disabled`) for a replay on re-enable, never dropped."""
+        return matches(self.events, event)
 
     def public(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now

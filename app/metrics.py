@@ -88,6 +88,19 @@ ENDPOINTS_DISABLED_BY_410 = Counter(
     "webhooks_endpoints_disabled_total", "Endpoints disabled by a 410 Gone", registry=REGISTRY
 )
 
+# Endpoint health (app/breaker.py). The breaker is per worker: dashboards take `max by (endpoint)`.
+BREAKER_STATE = Gauge(
+    "webhooks_breaker_state",
+    "This worker's circuit breaker per endpoint: 0 closed, 1 half-open (a probe is testing it), 2 open",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINTS_AUTO_DISABLED = Counter(
+    "webhooks_endpoints_auto_disabled_total",
+    "Endpoints disabled because they failed continuously for WEBHOOKS_AUTO_DISABLE_AFTER",
+    registry=REGISTRY,
+)
+
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -102,7 +115,7 @@ def child(metric: Any, *values: str) -> Any:
     return c
 
 
-_BY_ENDPOINT = (DELIVERIES,)  # every metric with an `endpoint` label
+_BY_ENDPOINT = (DELIVERIES, BREAKER_STATE)  # every metric with an `endpoint` label
 
 
 def forget_endpoints(keep: set[str]) -> int:

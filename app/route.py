@@ -9,6 +9,7 @@ WEBHOOKS_TOPIC_PREFIX in front. No other module spells one. The life of a record
         │   async: queue_for("async")
         ▼
     before_attempt(): Dead(endpoint_deleted | endpoint_disabled) | Defer(tier) | attempt
+    circuit breaker open (app/breaker.py) ─► held(): Tier(n) | Dead(retries_exhausted), no attempt
     attempt ─ 2xx ─► Done
             ─ else ► after_failure(): Tier(n) (a retry scheduled) | Dead(gone | forbidden_target | retries_exhausted)
     endpoint saturated ─► deferred(): Defer(tier) | Tier(n)
@@ -135,6 +136,14 @@ def deferred(settings: Settings, failures: int, tier: int | None) -> Tier | Defe
     its own tier, or (not in a tier yet) into the tier its failures point to (the first, normally)."""
     if tier is not None:
         return Defer(tier)
+    return _tier_for(settings, failures)
+
+
+def held(settings: Settings, failures: int) -> Tier | Dead:
+    """Where a delivery goes that its endpoint's open circuit breaker holds back (app/breaker.py):
+    on to the next tier without an attempt. `failures` already counts the hold as one, so a held
+    delivery walks the schedule like a failing one and, after the last tier, is parked in the DLQ
+    with its id (`retries_exhausted`): nothing is lost while the breaker is open."""
     return _tier_for(settings, failures)
 
 

@@ -111,12 +111,23 @@ class AdminContext:
             raise ApiError(404, f"no endpoint {ep_id[:80]}")
         return ep  # type: ignore[no-any-return]
 
-    def endpoint_view(self, ep: Endpoint) -> dict[str, Any]:
+    def endpoint_view(self, ep: Endpoint, parked: dict[str, int] | None = None) -> dict[str, Any]:
+        """An endpoint as the API shows it; `parked` (replayable DLQ entries per endpoint id, see
+        `parked_counts`) saves a scan of the DLQ view per endpoint in a listing."""
         view = ep.public()
         view["failure_streak"] = self.attempts.streak(ep.id)
         view["last_attempt"] = self.attempts.last(ep.id)
         view["last_hour"] = self.attempts.stats(ep.id, time.time())
+        view["breaker"] = self.components.dispatcher.health.breakers.view(ep.id)  # this worker's
+        view["parked"] = (self.parked_counts() if parked is None else parked).get(ep.id, 0)
         return view
+
+    def parked_counts(self) -> dict[str, int]:
+        """Replayable DLQ entries per endpoint, from the DLQ index (empty while it loads)."""
+        from collections import Counter
+
+        view = getattr(self.dlq, "data", None) or {}
+        return Counter(e.endpoint_id for e in list(view.values()) if e.replayable and e.endpoint_id)
 
     async def store(self, ep_id: str, ep: Endpoint | None) -> Endpoint | None:
         """Write `ep` (None: delete) and read it back: 409 if a write based on the same version

@@ -106,12 +106,28 @@ class DlqRoutes:
             },
         )
         flt = dlq_filter(doc)
+        if doc.get("dry_run"):
+            await self.ctx.dlq_fresh()
+            entries = select(await self.ctx.dlq_view(), flt)  # index entries
+            todo = [e.id for e in entries if e.replayable]
+            skipped = [e.id for e in entries if not e.replayable]
+            return json_response({"dry_run": True, "would_replay": todo, "skipped": skipped})
+        n, done, batch_entries = await self.replay_matching(flt)
+        return json_response(
+            {
+                "replayed": n,
+                "delivery_ids": done,
+                "skipped": [e.id for e in select(await self.ctx.dlq_view(), flt) if not e.replayable],
+                "warnings": self._warnings(batch_entries),
+            }
+        )
+
+    async def replay_matching(self, flt: Filter) -> tuple[int, list[str], list[dict[str, Any]]]:
+        """Replay every replayable entry `flt` selects (also re-enable with replay, app/admin/endpoints.py):
+        how many, their ids, and one entry per endpoint (for warnings)."""
         await self.ctx.dlq_fresh()
         entries = select(await self.ctx.dlq_view(), flt)  # index entries
         todo = [e.id for e in entries if e.replayable]
-        skipped = [e.id for e in entries if not e.replayable]
-        if doc.get("dry_run"):
-            return json_response({"dry_run": True, "would_replay": todo, "skipped": skipped})
         n, done, endpoints = 0, [], {}
         for i in range(0, len(todo), 500):  # bounded batches: payloads read, then produced
             whole = await self.ctx.dlq_entries(todo[i : i + 500])
@@ -119,14 +135,7 @@ class DlqRoutes:
             n += await self._replay(batch)
             done.extend(e["id"] for e in batch)
             endpoints.update({str(e.get("endpoint_id")): e for e in batch})
-        return json_response(
-            {
-                "replayed": n,
-                "delivery_ids": done,
-                "skipped": skipped,
-                "warnings": self._warnings(list(endpoints.values())),
-            }
-        )
+        return n, done, list(endpoints.values())
 
     async def _replay(self, entries: list[dict[str, Any]]) -> int:
         try:

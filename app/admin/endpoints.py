@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from app.admin.context import AdminContext, log
-from app.admin.http import ApiError, check_fields, grace_seconds, json_response, read_json
+from app.admin.http import ApiError, bool_query, check_fields, grace_seconds, json_response, read_json
 from app.catalog import load_catalog, matches
 from app.delivery import Delivery, new_delivery_id
 from app.endpoints import Endpoint, StaleWrite, check_version, create_endpoint, rotate_secret, update_endpoint
@@ -64,6 +64,7 @@ class EndpointRoutes:
             ("PATCH", "/endpoints/{id}", self.patch),
             ("DELETE", "/endpoints/{id}", self.delete),
             ("POST", "/endpoints/{id}/enable", self.enable),
+            ("GET", "/endpoints/{id}/breaker", self.breaker),
             ("POST", "/endpoints/{id}/disable", self.disable),
             ("POST", "/endpoints/{id}/rotate-secret", self.rotate),
             ("POST", "/endpoints/{id}/test", self.send_test),
@@ -72,7 +73,8 @@ class EndpointRoutes:
     async def list_all(self, request: web.Request) -> web.Response:
         await self.ctx.registry_fresh()
         eps = sorted(self.ctx.registry.all(), key=lambda e: e.created_at)
-        return json_response({"endpoints": [self.ctx.endpoint_view(e) for e in eps]})
+        parked = self.ctx.parked_counts()
+        return json_response({"endpoints": [self.ctx.endpoint_view(e, parked) for e in eps]})
 
     async def create(self, request: web.Request) -> web.Response:
         doc = await read_json(request)
@@ -132,8 +134,45 @@ class EndpointRoutes:
         return await self._change(request, changes)
 
     async def enable(self, request: web.Request) -> web.Response:
-        await read_json(request, optional=True)
-        return await self._change(request, {"enabled": True})
+        """Enable; with `?replay=true` (or `{"replay": true}`) also replay every replayable DLQ entry
+        of the endpoint: what was parked while it was disabled, or failed before (app/breaker.py)."""
+        doc = await read_json(request, optional=True)
+        check_fields(doc, {"replay": (bool,)})
+        replay = doc.get("replay", bool_query(request, "replay"))
+        answer = await self._change(request, {"enabled": True})
+        if not replay:
+            return answer
+        from app.admin.dlq import DlqRoutes
+        from app.dlq import Filter
+
+        ep_id = request.match_info["id"]
+        n, ids, _ = await DlqRoutes(self.ctx).replay_matching(Filter(endpoint=ep_id))
+        log.info("endpoint %s enabled; %d parked deliveries replayed", ep_id, n)
+        await self.ctx.dlq_fresh()
+        view = self.ctx.endpoint_view(self.ctx.endpoint(ep_id))
+        return json_response({**view, "replayed": n, "replayed_ids": ids})
+
+    async def breaker(self, request: web.Request) -> web.Response:
+        """The circuit breaker of the answering worker (app/breaker.py: one per worker), with the
+        failure streak all workers' attempts show and the deliveries parked for the endpoint."""
+        await self.ctx.registry_fresh()
+        await self.ctx.follow_attempts()
+        ep = self.ctx.endpoint(request.match_info["id"])
+        view = self.ctx.endpoint_view(ep)
+        return json_response(
+            {
+                "endpoint_id": ep.id,
+                "enabled": ep.enabled,
+                "disabled_reason": ep.disabled_reason,
+                **view["breaker"],
+                "failure_streak": view["failure_streak"],
+                "parked": view["parked"],
+                "settings": {
+                    **{k: v for k, v in vars(self.ctx.settings.health).items() if not k.startswith("operator")},
+                    "operator_webhook": bool(self.ctx.settings.health.operator_webhook_url),
+                },
+            }
+        )
 
     async def disable(self, request: web.Request) -> web.Response:
         await read_json(request, optional=True)

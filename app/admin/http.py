@@ -110,6 +110,13 @@ def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return value
 
 
+def bool_query(request: web.Request, name: str) -> bool:
+    text = (request.query.get(name) or "false").strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"{name}: expected true or false")
+    return text in ("true", "1")
+
+
 def grace_seconds(value: Any) -> float:
     if value is None:
         return MAX_GRACE
