@@ -2,7 +2,8 @@
 while disabled and replay on re-enable, against a real broker, a real worker and real receivers.
 
 One worker per module with short timers: tiers of 0.5-3 s (11 s in all), the breaker opening after
-3 consecutive failures with a 1 s cooldown, auto-disable after 6 s of failure.
+3 consecutive failures with a 1 s cooldown, auto-disable after 10 s of failure (the breaker test's
+endpoint must recover before that, also on a loaded machine).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
         WEBHOOKS_BREAKER_FAILURES="3",
         WEBHOOKS_BREAKER_FAILURE_RATE="0",
         WEBHOOKS_BREAKER_COOLDOWN=f"{COOLDOWN}s",
-        WEBHOOKS_AUTO_DISABLE_AFTER="6s",
+        WEBHOOKS_AUTO_DISABLE_AFTER="10s",
         WEBHOOKS_OPERATOR_WEBHOOK_URL=receiver.url("/operator"),
         WEBHOOKS_OPERATOR_WEBHOOK_SECRET=OPERATOR_SECRET,
     )
@@ -161,7 +162,7 @@ def test_open_breaker_holds_deliveries_without_attempts_and_a_probe_closes_it(en
 
     # Every new delivery is held at least once (moved on to a tier, no attempt), and the held ones
     # move on through the tiers: more holds than deliveries.
-    eventually(lambda: held() >= 20, 30, "deliveries held by the open breaker")
+    eventually(lambda: held() >= 16, 30, "deliveries held by the open breaker")
     probes = len(rx.received("/b")) - hits_at_open
     assert probes <= (time.monotonic() - opened) / COOLDOWN + 1, (probes, "attempts while open: one probe a cooldown")
     assert metric(w.metrics(), "webhooks_retries_scheduled_total", tier="30s") >= 13
