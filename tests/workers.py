@@ -34,6 +34,11 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "WEBHOOKS_ADMIN_TOKEN": TOKEN,
         "WEBHOOKS_DATA_DIR": str(OUTPUT / "faust-data"),
         "PYTHONUNBUFFERED": "1",
+        # The circuit breaker (app/breaker.py) changes how many attempts a failing endpoint gets:
+        # off in the suite's workers unless a test turns it on (tests/test_health.py), so the
+        # designed loads of other tests (always-failing endpoints) keep their exact attempt counts.
+        "WEBHOOKS_BREAKER_FAILURES": "0",
+        "WEBHOOKS_BREAKER_FAILURE_RATE": "0",
     }
     env.update(extra)
     return env
