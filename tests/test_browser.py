@@ -279,6 +279,7 @@ def test_onboard_an_endpoint_from_the_page(env: SimpleNamespace, browser: Any) -
     row = f'#endpoints tr[data-endpoint="{ep_id}"]'
     page.wait_for_selector(f'{row} td[data-label="Last hour"]:has-text("100% ok")')
     assert "p95" in page.inner_text(f'{row} td[data-label="Last hour"]')
+    assert page.inner_text(f'{row} td[data-label="Breaker"]').strip() == "closed"  # app/breaker.py
     page.screenshot(path=str(SHOTS / "onboard-tested.png"), full_page=True)
 
     # A delivery's detail: request headers and body as sent, response status and latency.
