@@ -21,8 +21,14 @@ refuses to start the worker otherwise, instead of raising inside Faust's rebalan
   was still queued; a partition never committed gets its earliest offset as the head the commit
   guard must see acked first.
 - `_reread_dropped_heads` (#596 again, the record being handed over): a stream partition whose head
-  record (the committed offset) is neither acked nor anywhere in the worker while later records
-  are acked is read again from its head, after two 2-second ticks in that state.
+  record is neither acked nor anywhere in the worker while later records are acked is read again
+  from its head, after two 2-second ticks in that state. The head is the offset Faust committed,
+  or the one a commit still on its way will store (`_track_commits`): Faust takes a commit's
+  records out of its acked list before the commit and records the new offset only after it, so a
+  commit that hangs (on a dead group coordinator for 10 s and more, in a rebalance, or the first
+  commits of a new group) looks exactly like a dropped head. Re-reading then fanned the records
+  since the last commit out again (issue 11: 6-8 partitions during a broker failover, and once on a
+  quiet broker seconds after a worker started).
 
 Records read again are processed twice (at-least-once, same delivery ids). `committed_offset` reads
 Faust's own record of its commits for the lag gauge: there is no public accessor.
@@ -32,7 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
@@ -44,13 +51,18 @@ log = logging.getLogger("perfex_webhooks")
 WRITTEN_FOR = "0.15.3"  # the faust-streaming release these workarounds were written against
 REREAD_INTERVAL = 2.0  # seconds between looks for a dropped head record
 
+# Per Faust consumer: the offsets a commit in progress will store (tp -> offset), see _track_commits.
+_COMMITTING: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+
 # Every private the workarounds use, where it lives: (owner, attribute).
 PRIVATES = (
     ("faust.transport.consumer.Consumer", "_new_offset"),
+    ("faust.transport.consumer.Consumer", "_commit_offsets"),
     ("app.consumer", "_committed_offset"),
     ("app.consumer", "_gap"),
     ("app.consumer", "_acked"),
     ("app.consumer", "_unacked_messages"),
+    ("app.consumer", "_read_offset"),
     ("app.flow_control", "_queues"),
     ("app.flow_control", "resume"),
     ("asyncio.Queue()", "_queue"),  # FlowControlQueue's items
@@ -104,6 +116,7 @@ def install(app: faust.App, streams: set[str]) -> None:
     """Check the installed Faust, then put every workaround in place for these stream topics."""
     check(app)
     _commit_only_acked(streams)
+    _track_commits()
     _reseek_after_flow_resume(app, streams)
     stalled: dict[Any, int] = {}
 
@@ -141,6 +154,42 @@ def _commit_only_acked(streams: set[str]) -> None:
 
     _new_offset.only_acked = True  # type: ignore[attr-defined]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
+
+
+def _track_commits() -> None:
+    """Record, while a commit runs, the offsets it will store: its records are acked already (Faust
+    took them out of its acked list), so `_reread_dropped_heads` looks for a dropped head after
+    them, never at them while the commit is merely slow."""
+    from faust.transport.consumer import Consumer
+
+    original = Consumer._commit_offsets
+    if getattr(original, "tracked", False):
+        return
+
+    async def _commit_offsets(
+        self: Any, offsets: Mapping[Any, int], start_new_transaction: bool = True
+    ) -> bool:
+        committing = _COMMITTING.setdefault(self, {})
+        committing.update(offsets)
+        try:
+            return await original(self, offsets, start_new_transaction=start_new_transaction)  # type: ignore[no-any-return]
+        finally:  # stored, failed or cancelled: Faust's own committed offset is what counts again
+            for tp, offset in offsets.items():
+                if committing.get(tp) == offset:
+                    del committing[tp]
+
+    _commit_offsets.tracked = True  # type: ignore[attr-defined]
+    Consumer._commit_offsets = _commit_offsets  # type: ignore[method-assign]
+
+
+def head_offset(consumer: Any, tp: Any) -> int | None:
+    """The first record of `tp` not yet committed, counting a commit in progress as done; None
+    before Faust knows a committed offset."""
+    committed: int | None = consumer._committed_offset.get(tp)
+    committing = _COMMITTING.get(consumer, {}).get(tp)
+    if committed is None or committing is None:
+        return committed
+    return max(committed, committing)
 
 
 def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
@@ -195,24 +244,28 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
 
 def _reread_dropped_heads(app: faust.App, streams: set[str], stalled: dict[Any, int]) -> None:
     """faust-streaming #596, timer body: seek back to a head record that was dropped in a hand-over
-    (neither acked nor in the worker while later records are acked, two ticks running)."""
+    (read past, neither acked nor in the worker while later records are acked, two ticks running).
+    The head counts a commit in progress as done (`head_offset`): a slow commit is no drop."""
     consumer = app.consumer
     in_flight = {(m.tp, m.offset) for m in list(consumer._unacked_messages)}
     seen: set[Any] = set()
     for tp in list(consumer.assignment()):
         if tp.topic not in streams:
             continue
-        committed = consumer._committed_offset.get(tp)
+        head = head_offset(consumer, tp)  # past the records of a commit still on its way
         acked = consumer._acked.get(tp)
-        if committed is None or not acked or min(acked) <= committed or (tp, committed) in in_flight:
+        if head is None or not acked or min(acked) <= head or (tp, head) in in_flight:
             continue
+        read = consumer._read_offset.get(tp)
+        if read is None or read <= head:
+            continue  # not read past the head yet (a seek back is being read again): not dropped
         seen.add(tp)
-        if stalled.get(tp) != committed:
-            stalled[tp] = committed  # first sighting: it may still be on its way to the agent
+        if stalled.get(tp) != head:
+            stalled[tp] = head  # first sighting: it may still be on its way to the agent
             continue
-        task = asyncio.ensure_future(consumer.seek(tp, committed))
+        task = asyncio.ensure_future(consumer.seek(tp, head))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        log.info("re-reading %s:%s from %s: its head record was dropped", tp.topic, tp.partition, committed)
+        log.info("re-reading %s:%s from %s: its head record was dropped", tp.topic, tp.partition, head)
         del stalled[tp]
     for tp in set(stalled) - seen:
         del stalled[tp]

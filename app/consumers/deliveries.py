@@ -13,6 +13,13 @@ Offsets are committed only up to the first record not yet finished (app/consumer
 record that is not a valid delivery, or whose dispatch raised three times, is parked in the DLQ as
 poison and finished: commits never wait on it. On revocation the agent lets the revoked partitions' in-flight records finish (an
 attempt never outlives the delivery timeout) and commits them before the partitions move.
+
+What a broker failover costs (issue 11, tests/test_failover.py): while the group coordinator is
+gone, commits fail and the group session may time out; the partitions are then lost and read again
+from the last commit, and the fan-out may publish a delivery again. A failed commit is offered
+again at the next commit (`_on_commit`), a delivery recorded as delivered is skipped
+(app/successes.py), and a delivery whose id is being attempted right now waits for that attempt
+and is then skipped if it succeeded (`_attempting`), so neither copy becomes a second request.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class DeliveryAgent(RecordConsumer[int]):
         # Deliveries already delivered (a crash re-reads what was not committed): skipped.
         self.successes = RecentSuccesses(settings)
         dispatcher.successes = self.successes
+        # Delivery id -> set once its attempt here is over: a copy read meanwhile waits for it.
+        self._attempting: dict[str, asyncio.Event] = {}
 
     # ---- lifecycle (event loop) -------------------------------------------------------------------
     async def start(self) -> None:
@@ -79,6 +88,7 @@ class DeliveryAgent(RecordConsumer[int]):
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 2_000,
                 "max.poll.interval.ms": int(self.settings.max_poll_interval * 1000),
+                "on_commit": self._on_commit,
                 "log_level": 4,
             },
             logger=logging.getLogger("perfex_webhooks.librdkafka"),
@@ -163,6 +173,15 @@ class DeliveryAgent(RecordConsumer[int]):
                 log.warning("delivery agent commit failed: %s", exc)
                 self.book.failed(offsets)
 
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """An asynchronous commit's result (consumer thread, inside poll). One that failed (no group
+        coordinator in a broker failover) is offered again at the next commit, so the committed
+        offset catches up as soon as a coordinator answers instead of when more records finish."""
+        failed = [tp.partition for tp in partitions if err is not None or tp.error is not None]
+        if failed:
+            self.book.failed(failed)
+            log.info("delivery agent commit of %s failed (%s): offered again", sorted(failed), err)
+
     def _lag(self, consumer: Consumer) -> int:
         total = 0
         for tp in consumer.assignment():
@@ -217,7 +236,16 @@ class DeliveryAgent(RecordConsumer[int]):
         return self.topic, partition
 
     async def deliver(self, partition: int, delivery: Delivery) -> None:
+        # A copy of a delivery being attempted right now (its partition was lost and read again, or
+        # the fan-out published it again): wait for that attempt, then skip it if it succeeded.
+        while (running := self._attempting.get(delivery.id)) is not None:
+            await running.wait()
         if delivery.id in self.successes:
             metrics.DUPLICATES_SKIPPED.inc()
             return
-        await self.dispatcher.dispatch(delivery)
+        done = self._attempting[delivery.id] = asyncio.Event()
+        try:
+            await self.dispatcher.dispatch(delivery)
+        finally:
+            del self._attempting[delivery.id]
+            done.set()
