@@ -432,8 +432,11 @@ class LocalCluster:
                     )
             with contextlib.suppress(Exception):  # not up yet
                 seen = len(admin.list_topics(timeout=2).brokers)
-                if seen >= want:
-                    return
+            if seen >= want:
+                # Each broker gets its first block of producer ids from the controller on the first
+                # idempotent producer's request (seconds, on a busy machine): before, not in a test.
+                asyncio.run(_producer_ids_ready(self.bootstrap, max(1.0, deadline - time.monotonic())))
+                return
             time.sleep(0.2)
         raise BrokerError(
             f"{seen} of {want} Kafka nodes registered within {timeout:.0f}s; see {self.dir}/node*/logs"
@@ -480,6 +483,30 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+async def _producer_ids_ready(bootstrap: str, timeout: float) -> None:
+    """Until every broker hands out a producer id (InitProducerId without a transactional id, what
+    an idempotent producer sends first); a broker answers "load in progress" until it has a block."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.transaction import InitProducerIdRequest
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    deadline = time.monotonic() + timeout
+    try:
+        await client.bootstrap()
+        for broker in client.cluster.brokers():
+            while True:
+                with contextlib.suppress(Exception):
+                    if (
+                        await client.send(broker.nodeId, InitProducerIdRequest(None, 60_000))
+                    ).error_code == 0:
+                        break
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"broker {broker.nodeId} gave no producer id within {timeout:.0f}s")
+                await asyncio.sleep(0.2)
+    finally:
+        await client.close()
 
 
 async def _quorum_leader(bootstrap: str, timeout: float) -> int:

@@ -65,3 +65,55 @@ def test_a_worker_on_another_faust_refuses_to_start_with_one_line() -> None:
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, res.stderr
     assert "faust-streaming 0.16.0 is installed" in lines[0] and WRITTEN_FOR in lines[0]
+
+
+def test_a_slow_commit_is_no_dropped_head_but_a_dropped_record_is_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 11: while a commit hangs (a dead group coordinator), Faust has taken the commit's records
+    out of its acked list and not yet recorded the new offset; the re-read must not take that for
+    a dropped head record. A record really dropped after them is still read again."""
+    import asyncio
+
+    from faust.types import TP
+
+    app = _app()
+    faust_guard.install(app, {"crm.events"})
+    consumer = app.consumer
+    tp = TP("crm.events", 2)
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(partition: TP, offset: int) -> None:
+        seeks.append((partition, offset))
+
+    hung = asyncio.Event()
+
+    async def flush() -> None:  # Faust flushes its producer first: hang there, as on a dead coordinator
+        await hung.wait()
+
+    monkeypatch.setattr(consumer, "assignment", lambda: {tp})
+    monkeypatch.setattr(consumer, "seek", seek)
+    monkeypatch.setattr(consumer, "_commit", lambda offsets: asyncio.sleep(0, True))
+    monkeypatch.setattr(app.producer, "flush", flush)
+
+    async def scenario() -> None:
+        consumer._committed_offset[tp] = 10
+        consumer._read_offset[tp] = 20
+        consumer._acked[tp] = [15, 16]  # 10-14 went to the commit below; 15 and 16 acked since
+        commit = asyncio.ensure_future(consumer._commit_offsets({tp: 15}))
+        await asyncio.sleep(0)
+        stalled: dict = {}
+        for _ in range(3):  # three ticks while the commit hangs: nothing was dropped
+            faust_guard._reread_dropped_heads(app, {"crm.events"}, stalled)
+            await asyncio.sleep(0)  # a seek would run now
+        assert seeks == []
+        consumer._acked[tp] = [16, 17]  # now 15 is neither acked nor anywhere: dropped
+        for _ in range(2):
+            faust_guard._reread_dropped_heads(app, {"crm.events"}, stalled)
+            await asyncio.sleep(0)
+        assert seeks == [(tp, 15)]
+        hung.set()
+        await commit
+        assert consumer._committed_offset[tp] == 15 and faust_guard.head_offset(consumer, tp) == 15
+
+    asyncio.run(scenario())
