@@ -21,7 +21,7 @@ from app import route
 from app.config import Settings
 from app.producer import Producer
 from app.topics import admin_client, apply, load_specs
-from tests.helpers import eventually, register, settle
+from tests.helpers import end_offsets, eventually, register, settle
 from tests.workers import OUTPUT, WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -63,6 +63,9 @@ def test_killing_the_active_controller_mid_flow_loses_nothing_and_duplicates_lit
     md = admin_client(settings).list_topics(timeout=10)
     for s in load_specs():
         assert {len(p.replicas) for p in md.topics[settings.topic(s.name)].partitions.values()} == {3}, s.name
+        # Metadata names a leader before that broker serves the partition (it applies the topic's
+        # creation a moment later; seconds on a busy machine): wait until every leader answers.
+        end_offsets(settings, s.name)
     register(settings, receiver, "/f", "customer.*", "async")
     w = WorkerProcess(settings, WEBHOOKS_REPLICATION_FACTOR="3")
     try:
