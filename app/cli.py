@@ -265,8 +265,49 @@ def _print_endpoint(ep_public: dict[str, Any]) -> None:
     click.echo(f"  events: {', '.join(ep_public['events'])}")
     if ep_public.get("description"):
         click.echo(f"  about:  {ep_public['description']}")
+    if ep_public.get("filter"):
+        click.echo(f"  filter: {orjson.dumps(ep_public['filter']).decode()}")
+    if ep_public.get("max_rate"):
+        click.echo(f"  rate:   at most {ep_public['max_rate']:g} deliveries/s")
     if ep_public.get("grace_secret_active"):
         click.echo(f"  grace secret valid until {ep_public['grace_expires_at']:.0f} (unix)")
+
+
+FILTER = click.option(
+    "--filter",
+    "filter_json",
+    metavar="JSON",
+    help='content filter on the delivery body, e.g. \'{"payload.status": {"$in": ["2", "3"]}}\' ({} removes it)',
+)
+MAX_RATE = click.option(
+    "--max-rate", metavar="N/s", help="at most N deliveries per second over all workers (5/s, 120/m; 0 removes it)"
+)
+
+
+def _filter_arg(text: str | None) -> dict[str, Any] | None:
+    """--filter's JSON, checked here so a typo is one clear line (the operators: app/filters.py)."""
+    from app import filters
+
+    if text is None:
+        return None
+    try:
+        spec = orjson.loads(text) if text.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise UserError(f"--filter: not JSON: {exc}") from exc
+    try:
+        filters.validate(spec)
+    except ValueError as exc:
+        raise UserError(f"--filter: {exc}") from exc
+    return spec
+
+
+def _rate_arg(text: str | None) -> float | None:
+    from app.throttle import parse_rate
+
+    try:
+        return None if text is None else parse_rate(text) or 0
+    except ValueError as exc:
+        raise UserError(f"--max-rate: {exc}") from exc
 
 
 @endpoints.command("add")
@@ -287,25 +328,44 @@ def _print_endpoint(ep_public: dict[str, Any]) -> None:
     "--secret", help="your own secret (16+ printable characters) instead of a generated whsec_ one"
 )
 @click.option("--description", default="")
+@FILTER
+@MAX_RATE
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
 def endpoints_add(
-    url: str, events: str, mode: str, fmt: str, secret: str | None, description: str, as_json: bool
+    url: str,
+    events: str,
+    mode: str,
+    fmt: str,
+    secret: str | None,
+    description: str,
+    filter_json: str | None,
+    max_rate: str | None,
+    as_json: bool,
 ) -> None:
     """Register an endpoint; prints its id and (this once) its secret."""
     from app.endpoints import create_endpoint
 
+    flt, rate = _filter_arg(filter_json), _rate_arg(max_rate) or None
     api = api_client()
     if api is not None:
         with api:
             made = api.create_endpoint(
-                url, events, mode=mode, format=fmt, secret=secret, description=description
+                url, events, mode=mode, format=fmt, secret=secret, description=description, filter=flt, max_rate=rate
             )
         ep = SimpleNamespace(id=made.id, secret=made.secret, public=lambda: _api_endpoint(made))
     else:
         s = settings()
         ep = create_endpoint(
-            s, url=url, events=events, mode=mode, secret=secret, description=description, format=fmt
+            s,
+            url=url,
+            events=events,
+            mode=mode,
+            secret=secret,
+            description=description,
+            format=fmt,
+            filter=flt,
+            max_rate=rate,
         )
         ep = _write_endpoint(s, ep)
     if as_json:
@@ -314,6 +374,54 @@ def endpoints_add(
         click.echo(f"endpoint {ep.id} created")
         click.echo(f"secret: {ep.secret}")
         click.echo("(the secret is shown only now; store it where the receiver can verify signatures)")
+
+
+@endpoints.command("update")
+@click.argument("endpoint_id")
+@click.option("--url")
+@click.option("--events", help="comma-separated names or patterns")
+@click.option("--mode", type=click.Choice(["immediate", "smart", "async"]))
+@click.option("--format", "fmt", type=click.Choice(["perfexapi", "standard"]))
+@click.option("--description")
+@FILTER
+@MAX_RATE
+@IF_VERSION
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_one_line
+def endpoints_update(
+    endpoint_id: str,
+    url: str | None,
+    events: str | None,
+    mode: str | None,
+    fmt: str | None,
+    description: str | None,
+    filter_json: str | None,
+    max_rate: str | None,
+    if_version: int | None,
+    as_json: bool,
+) -> None:
+    """Change an endpoint: only the options given (its secret: rotate-secret; on/off: enable/disable)."""
+    from app.endpoints import update_endpoint
+
+    given = {"url": url, "events": events, "mode": mode, "format": fmt, "description": description}
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if filter_json is not None:
+        changes["filter"] = _filter_arg(filter_json)
+    if max_rate is not None:
+        changes["max_rate"] = _rate_arg(max_rate)
+    if not changes:
+        raise UserError("nothing to change: give --url, --events, --mode, --format, --description, --filter or --max-rate")
+    api = api_client(if_version)
+    if api is not None:
+        with api:
+            row = _api_endpoint(api.update_endpoint(endpoint_id, **changes))
+    else:
+        s, ep = _load(endpoint_id, if_version)
+        row = _write_endpoint(s, update_endpoint(s, ep, changes)).public()
+    if as_json:
+        print_json(row)
+    else:
+        _print_endpoint(row)
 
 
 @endpoints.command("list")

@@ -129,6 +129,8 @@ class Endpoint:
     created_at: float = 0.0
     updated_at: float = 0.0
     failure_streak: int = 0
+    filter: dict[str, Any] | None = None
+    max_rate: float | None = None
     last_attempt: Attempt | None = None
     breaker: dict[str, Any] | None = None  # the answering worker's circuit breaker (app/breaker.py)
     parked: int = 0  # replayable DLQ entries of this endpoint
@@ -219,6 +221,8 @@ class _Calls:
         secret: str | None,
         description: str,
         enabled: bool,
+        filter: dict[str, Any] | None = None,
+        max_rate: float | str | None = None,
     ) -> Call[Endpoint]:
         body = _clean(
             {
@@ -229,6 +233,8 @@ class _Calls:
                 "secret": secret,
                 "description": description,
                 "enabled": enabled,
+                "filter": filter,
+                "max_rate": max_rate,
             }
         )
         return Call("POST", "/api/endpoints", Endpoint.from_api, json=body)
@@ -402,8 +408,12 @@ class Client(_Base):
         secret: str | None = None,
         description: str = "",
         enabled: bool = True,
+        filter: dict[str, Any] | None = None,
+        max_rate: float | str | None = None,
     ) -> Endpoint:
-        return self._run(_Calls.create_endpoint(url, events, mode, format, secret, description, enabled))
+        return self._run(
+            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled, filter, max_rate)
+        )
 
     def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:
         return self._run(_Calls.update_endpoint(endpoint_id, changes))
@@ -538,9 +548,11 @@ class AsyncClient(_Base):
         secret: str | None = None,
         description: str = "",
         enabled: bool = True,
+        filter: dict[str, Any] | None = None,
+        max_rate: float | str | None = None,
     ) -> Endpoint:
         return await self._run(
-            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled)
+            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled, filter, max_rate)
         )
 
     async def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:

@@ -23,6 +23,7 @@ from app.config import Settings
 from app.delivery import Attempt, Delivery, HttpSender
 from app.endpoints import Registry, StaleWrite
 from app.outbox import Outbox
+from app.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Dispatcher:
         self.successes: Any = None
         # Circuit breakers and auto-disable (app/breaker.py).
         self.health = EndpointHealth(settings, sender, self.disable_endpoint)
+        self.throttle = Throttle()  # endpoints' max_rate (app/throttle.py); its share set by the delivery agent
 
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
@@ -61,6 +63,13 @@ class Dispatcher:
             await self.follow(d, instead)
             return
         assert ep is not None
+        if ep.max_rate:
+            slot, new = self.throttle.admit(ep.id, ep.max_rate, d.id, time.time())
+            if slot is not None:  # over the rate: it waits in a tier, not here
+                if new:
+                    metrics.child(metrics.THROTTLED, ep.id).inc()
+                await self.follow(d, route.throttled(tier), at=slot)
+                return
         gate = self.health.admit(ep)
         if gate is None:  # its circuit breaker is open: on to the next tier, no attempt
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "breaker_open").inc()
@@ -114,6 +123,7 @@ class Dispatcher:
         self._per_endpoint.pop(ep_id, None)
         self._slow.pop(ep_id, None)  # (its metric series end at the next scrape: app/web.py)
         self.health.breakers.forget(ep_id)
+        self.throttle.forget(ep_id)
 
     async def _fresh_endpoint(self, ep_id: str) -> Any:
         try:
@@ -142,16 +152,23 @@ class Dispatcher:
             metrics.ENDPOINTS_DISABLED_BY_410.inc()
         await self.follow(d, route.after_failure(self.settings, d.failures, a.outcome))
 
-    async def follow(self, d: Delivery, next_: route.Next) -> None:
-        """Send `d` where the route says; returns once that record is acknowledged by Kafka."""
+    async def follow(self, d: Delivery, next_: route.Next, at: float | None = None) -> None:
+        """Send `d` where the route says; returns once that record is acknowledged by Kafka.
+        A retry is scheduled here: its due time (jittered, or `at` / its Retry-After exactly: route
+        `retry_due`, `defer_due`) travels in the record's header for the tier consumer."""
         match next_:
             case route.Done():
                 return
             case route.Tier():
                 metrics.RETRIES_SCHEDULED.labels(tier=next_.label).inc()
-                await self.outbox.publish(next_.topic, d.resource_key, d.encode())
+                now = time.time()
+                asked = d.not_before if d.not_before and d.not_before > now else None  # this failure's Retry-After
+                due = route.retry_due(self.settings.retry_schedule[next_.index], now, asked)
+                await self.outbox.publish(next_.topic, d.resource_key, d.encode(), headers=route.due_header(due))
             case route.Defer():
-                await self.outbox.publish(next_.topic, d.resource_key, d.encode())
+                wanted = at if at is not None else d.not_before
+                due = route.defer_due(self.settings.retry_schedule[next_.index], time.time(), wanted)
+                await self.outbox.publish(next_.topic, d.resource_key, d.encode(), headers=route.due_header(due))
             case route.Dead():
                 await self.park(d, next_.reason)
 

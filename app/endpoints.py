@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import secrets as _secrets
 import time
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from app import route
+from app import filters, route, throttle
 from app.catalog import load_catalog, matches
 from app.config import Settings
 from app.netguard import validate_url
@@ -53,6 +54,9 @@ class Endpoint:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = 0  # as read from the registry; a write stores version + 1 (RegistryState)
+    # Content filter over the delivery body (app/filters.py); None: every subscribed event.
+    filter: dict[str, Any] | None = field(default=None, hash=False)
+    max_rate: float | None = None  # deliveries/s over all workers (app/throttle.py); None: no limit
 
     def secrets_now(self, now: float | None = None) -> list[str]:
         """Live secrets, primary first; the grace secret expires by itself at grace_expires_at."""
@@ -61,6 +65,11 @@ class Endpoint:
         if self.grace_secret and self.grace_expires_at and now < self.grace_expires_at:
             live.append(self.grace_secret)
         return live
+
+    @functools.cached_property
+    def matcher(self) -> filters.Filter | None:
+        """The filter compiled once per registry record (a changed endpoint is a new object)."""
+        return None if self.filter is None else filters.compile_filter(self.filter)
 
     def wants(self, event: str) -> bool:
         """Whether the fan-out makes it a delivery. A disabled endpoint still gets its deliveries:
@@ -84,6 +93,8 @@ class Endpoint:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "version": self.version,
+            "filter": self.filter,
+            "max_rate": self.max_rate,
         }
 
     def record(self, box: SecretBox | None = None) -> dict[str, Any]:
@@ -220,6 +231,8 @@ def create_endpoint(
     description: str = "",
     enabled: bool = True,
     format: str = "perfexapi",
+    filter: Any = None,
+    max_rate: Any = None,
 ) -> Endpoint:
     """Validate and build a new endpoint (not yet stored)."""
     return Endpoint(
@@ -231,13 +244,16 @@ def create_endpoint(
         description=(description or "")[:500],
         enabled=enabled,
         format=validate_format(format),
+        filter=filters.validate(filter),
+        max_rate=throttle.parse_rate(max_rate),
     )
 
 
 def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -> Endpoint:
-    """Apply validated changes (url, events, mode, format, description, enabled)."""
+    """Apply validated changes (url, events, mode, format, description, enabled, filter, max_rate;
+    a filter of {} or a max_rate of 0 removes it)."""
     kw: dict[str, Any] = {}
-    unknown = set(changes) - {"url", "events", "mode", "format", "description", "enabled"}
+    unknown = set(changes) - {"url", "events", "mode", "format", "description", "enabled", "filter", "max_rate"}
     if unknown:
         raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
     if "url" in changes:
@@ -250,6 +266,10 @@ def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -
         kw["mode"] = validate_mode(str(changes["mode"]))
     if "format" in changes:
         kw["format"] = validate_format(str(changes["format"]))
+    if "filter" in changes:
+        kw["filter"] = filters.validate(changes["filter"])
+    if "max_rate" in changes:
+        kw["max_rate"] = throttle.parse_rate(changes["max_rate"])
     if "description" in changes:
         kw["description"] = str(changes["description"] or "")[:500]
     if "enabled" in changes:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from app import metrics, route
+from app import filters, metrics, route
 from app.config import Settings
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
@@ -100,7 +100,10 @@ class FanOut:
             metrics.EVENTS_CONSUMED.labels(event=ev.event).inc()
             waits: list[Awaitable[Any]] = []
             now = time.time()
+            bodies: dict[str, Any] = {}  # what filters read, built once per event and format
             for ep in self.registry.matching(ev.event):
+                if not filters.passes(ep, ev, bodies):
+                    continue
                 if ep.mode == "immediate":
                     await self.slots.acquire()
                     d = Delivery.for_event(ev, ep, "immediate")

@@ -87,6 +87,24 @@ ENDPOINTS = Gauge("webhooks_endpoints", "Registered endpoints by state", ["state
 ENDPOINTS_DISABLED_BY_410 = Counter(
     "webhooks_endpoints_disabled_total", "Endpoints disabled by a 410 Gone", registry=REGISTRY
 )
+FILTERED_OUT = Counter(
+    "webhooks_deliveries_filtered_out_total",
+    "Events an endpoint subscribes to that its content filter left out (no delivery made)",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+FILTER_ERRORS = Counter(
+    "webhooks_filter_errors_total",
+    "Filter evaluations that failed (counted as no match for that endpoint only)",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+THROTTLED = Counter(
+    "webhooks_deliveries_throttled_total",
+    "Deliveries over their endpoint's max_rate, put back into a retry tier until their slot",
+    ["endpoint"],
+    registry=REGISTRY,
+)
 
 # Endpoint health (app/breaker.py). The breaker is per worker: dashboards take `max by (endpoint)`.
 BREAKER_STATE = Gauge(
@@ -115,7 +133,7 @@ def child(metric: Any, *values: str) -> Any:
     return c
 
 
-_BY_ENDPOINT = (DELIVERIES, BREAKER_STATE)  # every metric with an `endpoint` label
+_BY_ENDPOINT = (DELIVERIES, BREAKER_STATE, FILTERED_OUT, FILTER_ERRORS, THROTTLED)  # every metric with an `endpoint` label
 
 
 def forget_endpoints(keep: set[str]) -> int:

@@ -13,6 +13,8 @@ WEBHOOKS_TOPIC_PREFIX in front. No other module spells one. The life of a record
     attempt ─ 2xx ─► Done
             ─ else ► after_failure(): Tier(n) (a retry scheduled) | Dead(gone | forbidden_target | retries_exhausted)
     endpoint saturated ─► deferred(): Defer(tier) | Tier(n)
+    over its max_rate ──► throttled(): Defer(tier)   (due at its slot: app/throttle.py)
+    into a tier: due at retry_due() (delay ±10 % jitter) or defer_due(), in the DUE_HEADER
     Dead(reason) ─► DLQ                                          dead_record(), poison_record()
     replay ─► REPLAYS (= DELIVERIES), then a tombstone on DLQ    replay_record()
 
@@ -22,7 +24,9 @@ The outcome types name where a delivery goes; the Dispatcher (app/dispatch.py) c
 from __future__ import annotations
 
 import base64
+import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +149,55 @@ def held(settings: Settings, failures: int) -> Tier | Dead:
     delivery walks the schedule like a failing one and, after the last tier, is parked in the DLQ
     with its id (`retries_exhausted`): nothing is lost while the breaker is open."""
     return _tier_for(settings, failures)
+
+
+def throttled(tier: int | None) -> Defer:
+    """Where a delivery goes that is over its endpoint's max_rate: back into its own tier, or the
+    first (fresh), to come back at the slot app/throttle.py reserved for it."""
+    return Defer(0 if tier is None else tier)
+
+
+# ---- when a record in a tier is due -------------------------------------------------------------
+# Retries are spread ±10 % around their tier's delay, so deliveries that failed together (an
+# endpoint's outage) do not all come back in the same instant when it recovers.
+JITTER = 0.10
+DUE_HEADER = "perfex-webhooks-due"  # unix time (text) a tier record is due at; absent: timestamp + delay
+
+
+def retry_due(delay: float, now: float, not_before: float | None = None, rand: Callable[[], float] = random.random) -> float:
+    """When a retry scheduled now into a tier of `delay` seconds is due: now + delay x U(0.9, 1.1).
+    After a Retry-After (`not_before`) the delay is not jittered: never before what the endpoint asked,
+    never before the tier's delay; a longer Retry-After is waited out exactly (`defer_due`)."""
+    if not_before is not None:
+        return now + delay
+    return now + delay * (1 + JITTER * (2 * rand() - 1))
+
+
+def defer_due(delay: float, now: float, wanted: float | None, rand: Callable[[], float] = random.random) -> float:
+    """When a delivery put back into a tier without an attempt is due: exactly at `wanted` (its
+    Retry-After time, or its throttle slot), without jitter, or after one tier delay if that is
+    sooner (a longer wait is served in rounds: no record holds its partition longer than its tier's
+    own delay). Without a time it waits (saturated endpoint): the delay, jittered."""
+    if wanted is None or wanted <= now:
+        return retry_due(delay, now, None, rand)
+    return min(wanted, now + delay)
+
+
+def due_header(due: float) -> list[tuple[str, bytes]]:
+    return [(DUE_HEADER, f"{due:.3f}".encode())]
+
+
+def due_of(headers: Iterable[tuple[str, bytes]] | None, timestamp: float, delay: float) -> float:
+    """When a tier record is due: its header's time, but never later than the latest jittered
+    retry could be (a bad header must not pause a partition for long); timestamp + delay without."""
+    latest = timestamp + delay * (1 + JITTER)
+    for k, v in headers or ():
+        if k == DUE_HEADER:
+            try:
+                return min(float(v), latest)
+            except (TypeError, ValueError):
+                break
+    return timestamp + delay
 
 
 def _tier_for(settings: Settings, failures: int) -> Tier | Dead:

@@ -88,6 +88,8 @@ class EndpointRoutes:
                 "secret": (str,),
                 "description": (str,),
                 "enabled": (bool,),
+                "filter": (dict,),
+                "max_rate": (int, float, str),
             },
             required=("url", "events"),
         )
@@ -103,6 +105,8 @@ class EndpointRoutes:
                 description=doc.get("description") or "",
                 enabled=doc.get("enabled", True),
                 format=doc.get("format") or "perfexapi",
+                filter=doc.get("filter"),
+                max_rate=doc.get("max_rate"),
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
@@ -126,11 +130,16 @@ class EndpointRoutes:
                 "format": (str,),
                 "description": (str,),
                 "enabled": (bool,),
+                "filter": (dict,),
+                "max_rate": (int, float, str),
             },
         )
         if not doc:
-            raise ApiError(400, "nothing to change: give url, events, mode, format, description or enabled")
-        changes = {k: v for k, v in doc.items() if v is not None}
+            raise ApiError(
+                400, "nothing to change: give url, events, mode, format, description, enabled, filter or max_rate"
+            )
+        # null removes a filter or a rate limit; for the other fields it means "unchanged".
+        changes = {k: v for k, v in doc.items() if v is not None or k in ("filter", "max_rate")}
         return await self._change(request, changes)
 
     async def enable(self, request: web.Request) -> web.Response:

@@ -5,7 +5,8 @@ The node sends `X-API-KEY`, creates with `{"name", "url", "events", "secret"?, "
 reads `response.data.id`, checks existence with a truthy `response.data` and deletes by id. So:
 answers are `{"data": ...}`; `is_active` (0/1, or a boolean) is our `enabled`; `name` is kept as the
 endpoint's description; fields we do not use are ignored (the node's shape may grow); `mode`
-defaults to async and `format` to perfexapi. The secret is in the create answer only. Underneath
+defaults to async and `format` to perfexapi; `filter` and `max_rate` are ours (app/filters.py,
+app/throttle.py). The secret is in the create answer only. Underneath
 these are the same endpoints `/api/endpoints` manages.
 """
 
@@ -52,6 +53,13 @@ def _events(doc: dict[str, Any]) -> str | list[str] | None:
     raise ApiError(400, "events: expected an array of event names or a comma-separated string")
 
 
+def _filter(doc: dict[str, Any]) -> dict[str, Any] | None:
+    value = doc.get("filter")
+    if value is not None and not isinstance(value, dict):
+        raise ApiError(400, "filter: expected an object such as {\"payload.status\": \"2\"}")
+    return value
+
+
 def view(ep: Endpoint) -> dict[str, Any]:
     """A webhook as this API shows it (never the secret)."""
     return {
@@ -63,6 +71,8 @@ def view(ep: Endpoint) -> dict[str, Any]:
         "mode": ep.mode,
         "format": ep.format,
         "disabled_reason": ep.disabled_reason,
+        "filter": ep.filter,
+        "max_rate": ep.max_rate,
         "created_at": ep.created_at,
         "updated_at": ep.updated_at,
     }
@@ -113,6 +123,8 @@ class WebhooksV1Routes:
                 secret=secret or None,
                 description=description,
                 enabled=enabled,
+                filter=_filter(doc),
+                max_rate=doc.get("max_rate"),
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
@@ -141,8 +153,13 @@ class WebhooksV1Routes:
             changes["events"] = events
         if doc.get("is_active") is not None:
             changes["enabled"] = _is_active(doc["is_active"])
+        for name in ("filter", "max_rate"):  # null removes it
+            if name in doc:
+                changes[name] = _filter(doc) if name == "filter" else doc[name]
         if not changes:
-            raise ApiError(400, "nothing to change: give url, events, is_active, name, mode or format")
+            raise ApiError(
+                400, "nothing to change: give url, events, is_active, name, mode, format, filter or max_rate"
+            )
         async with self.ctx.write_lock:
             await self.ctx.registry_fresh()
             ep = self.ctx.endpoint(request.match_info["id"])

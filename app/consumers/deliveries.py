@@ -66,6 +66,7 @@ class DeliveryAgent(RecordConsumer[int]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
+        self._partitions = 0  # of self.topic, for the throttle's share
         # Deliveries already delivered (a crash re-reads what was not committed): skipped.
         self.successes = RecentSuccesses(settings)
         dispatcher.successes = self.successes
@@ -198,6 +199,7 @@ class DeliveryAgent(RecordConsumer[int]):
         if partitions:  # they may come from a worker that died: learn what it had delivered
             self.successes.catch_up()
         self.book.assign(tp.partition for tp in partitions)
+        self._share(consumer)
         log.info("delivery agent assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -212,11 +214,24 @@ class DeliveryAgent(RecordConsumer[int]):
                 log.warning("draining revoked partitions: %r", exc)
         self._commit(consumer, asynchronous=False)
         self.book.forget(revoked)
+        self._share(consumer)
         log.info("delivery agent revoked %s", sorted(revoked))
+
+    def _share(self, consumer: Consumer) -> None:
+        """This worker's share of every endpoint's max_rate: the fraction of this topic's partitions
+        it owns (app/throttle.py explains the approximation)."""
+        if not self._partitions:
+            try:
+                self._partitions = len(consumer.list_topics(self.topic, timeout=5).topics[self.topic].partitions)
+            except Exception as exc:  # asked again at the next rebalance
+                log.warning("delivery agent: partitions of %s unknown (%s)", self.topic, exc)
+                return
+        self.dispatcher.throttle.set_share(len(self.book.partitions), self._partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Already someone else's: committing now would be refused; their owner re-delivers.
         self.book.forget(tp.partition for tp in partitions)
+        self._share(consumer)
         log.warning("delivery agent lost %s", sorted(tp.partition for tp in partitions))
 
     # ---- the event loop side ----------------------------------------------------------------------

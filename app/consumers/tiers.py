@@ -126,7 +126,7 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
                         continue
                     delay = self.delays[tp.topic]
                     for rec in records:
-                        due = rec.timestamp / 1000.0 + delay
+                        due = route.due_of(rec.headers, rec.timestamp / 1000.0, delay)
                         if due > now:
                             c.seek(tp, rec.offset)
                             c.pause(tp)
