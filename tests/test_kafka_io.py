@@ -16,6 +16,7 @@ from app.config import Settings
 from app.consumers.deliveries import DeliveryAgent
 from app.delivery import Delivery
 from app.outbox import Outbox, PublishError
+from app.throttle import Throttle
 from app.topics import apply
 
 pytestmark = pytest.mark.kafka
@@ -50,6 +51,7 @@ class HoldingDispatcher:
         self.parked: list[str] = []
         self.release = asyncio.Event()
         self.held = held
+        self.throttle = Throttle()  # the agent sets this worker's share of endpoints' max_rate
 
     async def dispatch(self, d: Delivery) -> None:
         self.seen.append(d.id)
