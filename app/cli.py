@@ -253,6 +253,14 @@ IF_VERSION = click.option(
 )
 
 
+ORDERING = click.option(
+    "--ordering",
+    type=click.Choice(["none", "resource"]),
+    help="resource: deliveries of one resource arrive in event order; a failing one holds back "
+    "that resource's later deliveries to this endpoint only (default none)",
+)
+
+
 def _print_endpoint(ep_public: dict[str, Any]) -> None:
     state = (
         "enabled"
@@ -261,6 +269,8 @@ def _print_endpoint(ep_public: dict[str, Any]) -> None:
     )
     click.echo(f"{ep_public['id']}  {ep_public['mode']:<9} {state}")
     click.echo(f"  format: {ep_public.get('format', 'perfexapi')}")
+    if ep_public.get("ordering", "none") != "none":
+        click.echo(f"  ordering: {ep_public['ordering']} (deliveries of one resource arrive in event order)")
     click.echo(f"  url:    {ep_public['url']}")
     click.echo(f"  events: {', '.join(ep_public['events'])}")
     if ep_public.get("description"):
@@ -330,6 +340,7 @@ def _rate_arg(text: str | None) -> float | None:
 @click.option("--description", default="")
 @FILTER
 @MAX_RATE
+@ORDERING
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
 def endpoints_add(
@@ -341,6 +352,7 @@ def endpoints_add(
     description: str,
     filter_json: str | None,
     max_rate: str | None,
+    ordering: str | None,
     as_json: bool,
 ) -> None:
     """Register an endpoint; prints its id and (this once) its secret."""
@@ -351,7 +363,9 @@ def endpoints_add(
     if api is not None:
         with api:
             made = api.create_endpoint(
-                url, events, mode=mode, format=fmt, secret=secret, description=description, filter=flt, max_rate=rate
+                url, events, mode=mode, format=fmt, secret=secret, description=description, filter=flt,
+                max_rate=rate,
+                ordering=ordering or "none",
             )
         ep = SimpleNamespace(id=made.id, secret=made.secret, public=lambda: _api_endpoint(made))
     else:
@@ -366,6 +380,7 @@ def endpoints_add(
             format=fmt,
             filter=flt,
             max_rate=rate,
+            ordering=ordering or "none",
         )
         ep = _write_endpoint(s, ep)
     if as_json:
@@ -385,6 +400,7 @@ def endpoints_add(
 @click.option("--description")
 @FILTER
 @MAX_RATE
+@ORDERING
 @IF_VERSION
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_one_line
@@ -397,6 +413,7 @@ def endpoints_update(
     description: str | None,
     filter_json: str | None,
     max_rate: str | None,
+    ordering: str | None,
     if_version: int | None,
     as_json: bool,
 ) -> None:
@@ -409,8 +426,12 @@ def endpoints_update(
         changes["filter"] = _filter_arg(filter_json)
     if max_rate is not None:
         changes["max_rate"] = _rate_arg(max_rate)
+    if ordering is not None:
+        changes["ordering"] = ordering
     if not changes:
-        raise UserError("nothing to change: give --url, --events, --mode, --format, --description, --filter or --max-rate")
+        raise UserError(
+            "nothing to change: give --url, --events, --mode, --format, --description, --filter, --max-rate or --ordering"
+        )
     api = api_client(if_version)
     if api is not None:
         with api:

@@ -122,6 +122,7 @@ class Endpoint:
     mode: str
     enabled: bool
     format: str = "perfexapi"
+    ordering: str = "none"
     description: str = ""
     disabled_reason: str | None = None
     grace_secret_active: bool = False
@@ -223,9 +224,11 @@ class _Calls:
         enabled: bool,
         filter: dict[str, Any] | None = None,
         max_rate: float | str | None = None,
+        ordering: str = "none",
     ) -> Call[Endpoint]:
         body = _clean(
             {
+                "ordering": ordering,
                 "url": url,
                 "events": events,
                 "mode": mode,
@@ -410,9 +413,10 @@ class Client(_Base):
         enabled: bool = True,
         filter: dict[str, Any] | None = None,
         max_rate: float | str | None = None,
+        ordering: str = "none",
     ) -> Endpoint:
         return self._run(
-            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled, filter, max_rate)
+            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled, filter, max_rate, ordering=ordering)
         )
 
     def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:
@@ -550,9 +554,10 @@ class AsyncClient(_Base):
         enabled: bool = True,
         filter: dict[str, Any] | None = None,
         max_rate: float | str | None = None,
+        ordering: str = "none",
     ) -> Endpoint:
         return await self._run(
-            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled, filter, max_rate)
+            _Calls.create_endpoint(url, events, mode, format, secret, description, enabled, filter, max_rate, ordering=ordering)
         )
 
     async def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:

@@ -69,6 +69,9 @@ class Delivery:
     not_before: float | None = None  # from a Retry-After
     attempts: list[dict[str, Any]] = field(default_factory=list)  # whole history, across replays
     replays: int = 0
+    # Delivered in its resource's order (app/ordering.py): set on one that leaves the delivery agent
+    # for a tier, so the tier that finishes it releases the deliveries held behind it.
+    ordered: bool = False
 
     @classmethod
     def for_event(
@@ -106,6 +109,7 @@ class Delivery:
             "not_before": self.not_before,
             "attempts": self.attempts,
             "replays": self.replays,
+            **({"ordered": True} if self.ordered else {}),
         }
 
     def encode(self) -> bytes:
@@ -183,6 +187,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "not_before": ((int, float, type(None)), False),
     "attempts": ((list,), False),
     "replays": ((int,), False),
+    "ordered": ((bool,), False),
     # Written by a replay (route.replay_record), read by nothing but people.
     "replayed_at": (_NUM, False),
 }
@@ -201,7 +206,7 @@ def validate(d: Any) -> None:
                 raise InvalidDelivery(f"{name} is missing")
             continue
         v = d[name]
-        if not isinstance(v, types) or isinstance(v, bool):
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             raise InvalidDelivery(f"{name} is {type(v).__name__}, not {'/'.join(t.__name__ for t in types)}")
         if types is _STR and not v:
             raise InvalidDelivery(f"{name} is empty")

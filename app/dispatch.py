@@ -51,8 +51,9 @@ class Dispatcher:
         self.throttle = Throttle()  # endpoints' max_rate (app/throttle.py); its share set by the delivery agent
 
     # ---- entry point -----------------------------------------------------------------------------
-    async def dispatch(self, d: Delivery, tier: int | None = None) -> None:
-        """Attempt `d` (read from tier `tier`, or fresh) and send it where its outcome says."""
+    async def dispatch(self, d: Delivery, tier: int | None = None) -> route.Next:
+        """Attempt `d` (read from tier `tier`, or fresh) and send it where its outcome says; returns
+        that outcome (app/ordering.py blocks a resource's sequence behind a delivery not done)."""
         ep = self.registry.get(d.endpoint_id)
         instead = route.before_attempt(None if ep is None else ep.enabled, d.not_before, tier, time.time())
         if instead == route.Dead("endpoint_disabled") and d.replays:
@@ -61,27 +62,28 @@ class Dispatcher:
             instead = route.before_attempt(None if ep is None else ep.enabled, d.not_before, tier, time.time())
         if instead is not None:
             await self.follow(d, instead)
-            return
+            return instead
         assert ep is not None
         if ep.max_rate:
             slot, new = self.throttle.admit(ep.id, ep.max_rate, d.id, time.time())
             if slot is not None:  # over the rate: it waits in a tier, not here
                 if new:
                     metrics.child(metrics.THROTTLED, ep.id).inc()
-                await self.follow(d, route.throttled(tier), at=slot)
-                return
+                next_ = route.throttled(tier)
+                await self.follow(d, next_, at=slot)
+                return next_
         gate = self.health.admit(ep)
         if gate is None:  # its circuit breaker is open: on to the next tier, no attempt
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "breaker_open").inc()
             d.failures += 1
-            await self.follow(d, route.held(self.settings, d.failures))
+            next_ = route.held(self.settings, d.failures)
+            await self.follow(d, next_)
             await self.health.check(ep)
-            return
+            return next_
         waiting = self._waiting.get(ep.id, 0)
         if waiting >= self.max_waiting_per_endpoint and self._slow.get(ep.id):
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
-            await self.follow(d, route.deferred(self.settings, d.failures, tier))
-            return
+            return await self._follow_deferred(d, tier)
         sem = self._per_endpoint.get(ep.id)
         if sem is None:
             sem = self._per_endpoint[ep.id] = asyncio.Semaphore(self.settings.max_in_flight_per_endpoint)
@@ -104,15 +106,20 @@ class Dispatcher:
         if attempt is None:
             self.health.breakers.release(ep.id, gate)
             metrics.child(metrics.DELIVERIES, ep.id, d.mode, "deferred").inc()
-            await self.follow(d, route.deferred(self.settings, d.failures, tier))
-            return
+            return await self._follow_deferred(d, tier)
         self._slow[ep.id] = attempt.outcome in ("timeout", "connect_error") or attempt.latency_ms > 1000
         # The breaker counts the attempt before the delivery moves on: a breaker it opens is open
         # from before the retry's timestamp, so a probe is due when the retry is (cooldown = tier).
         await self.health.after(ep, attempt.ok, gate)
-        await self._after(d, ep.id, attempt)
+        next_ = await self._after(d, ep.id, attempt)
         if self.registry.get(ep.id) is None:  # deleted while this attempt ran
             self.forget_endpoint(ep.id)
+        return next_
+
+    async def _follow_deferred(self, d: Delivery, tier: int | None) -> route.Next:
+        next_ = route.deferred(self.settings, d.failures, tier)
+        await self.follow(d, next_)
+        return next_
 
     def forget_endpoint(self, ep_id: str) -> None:
         """Drop what this worker keeps for a deleted endpoint: its caps and counters (endpoint ids
@@ -132,7 +139,7 @@ class Dispatcher:
             log.info("registry view not confirmed fresh for a replay: %s", exc)
         return self.registry.get(ep_id)
 
-    async def _after(self, d: Delivery, endpoint_id: str, a: Attempt) -> None:
+    async def _after(self, d: Delivery, endpoint_id: str, a: Attempt) -> route.Next:
         record = a.record()
         d.attempts.append(record)
         metrics.child(metrics.DELIVERIES, endpoint_id, d.mode, a.outcome).inc()
@@ -144,13 +151,15 @@ class Dispatcher:
             metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
             if self.successes is not None:
                 self.successes.add(d.id)
-            return
+            return route.DONE
         d.failures += 1
         if a.retry_after:
             d.not_before = a.at + a.retry_after
         if a.outcome == "gone" and await self.disable_endpoint(endpoint_id, "410 Gone from the endpoint"):
             metrics.ENDPOINTS_DISABLED_BY_410.inc()
-        await self.follow(d, route.after_failure(self.settings, d.failures, a.outcome))
+        next_ = route.after_failure(self.settings, d.failures, a.outcome)
+        await self.follow(d, next_)
+        return next_
 
     async def follow(self, d: Delivery, next_: route.Next, at: float | None = None) -> None:
         """Send `d` where the route says; returns once that record is acknowledged by Kafka.

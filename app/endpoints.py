@@ -27,6 +27,7 @@ from app.secretbox import SecretBox, SecretsKeyError, box_for, open_value
 from app.signing import SECRET_PREFIX, generate_secret
 
 MODES = ("immediate", "smart", "async")
+ORDERINGS = ("none", "resource")  # resource: one resource's deliveries arrive in event order (app/ordering.py)
 FORMATS = ("perfexapi", "standard")  # body shape (SPEC §3.2); perfexapi is the product page's
 MIN_SECRET = 16
 MAX_SECRET = 1024
@@ -51,6 +52,7 @@ class Endpoint:
     grace_expires_at: float | None = None
     disabled_reason: str | None = None
     format: str = "perfexapi"
+    ordering: str = "none"
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = 0  # as read from the registry; a write stores version + 1 (RegistryState)
@@ -85,6 +87,7 @@ class Endpoint:
             "events": list(self.events),
             "mode": self.mode,
             "format": self.format,
+            "ordering": self.ordering,
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "description": self.description,
@@ -196,6 +199,12 @@ def validate_format(fmt: str) -> str:
     return fmt
 
 
+def validate_ordering(ordering: str) -> str:
+    if ordering not in ORDERINGS:
+        raise ValueError(f"ordering: {ordering!r} is not one of {', '.join(ORDERINGS)}")
+    return ordering
+
+
 def validate_secret(secret: str) -> str:
     """A user-supplied secret: any printable string of 16 to 1024 characters (n8n users type theirs).
 
@@ -233,6 +242,7 @@ def create_endpoint(
     format: str = "perfexapi",
     filter: Any = None,
     max_rate: Any = None,
+    ordering: str = "none",
 ) -> Endpoint:
     """Validate and build a new endpoint (not yet stored)."""
     return Endpoint(
@@ -246,14 +256,16 @@ def create_endpoint(
         format=validate_format(format),
         filter=filters.validate(filter),
         max_rate=throttle.parse_rate(max_rate),
+        ordering=validate_ordering(ordering or "none"),
     )
 
 
 def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -> Endpoint:
-    """Apply validated changes (url, events, mode, format, description, enabled, filter, max_rate;
+    """Apply validated changes (url, events, mode, format, ordering, description, enabled, filter,
+    max_rate;
     a filter of {} or a max_rate of 0 removes it)."""
     kw: dict[str, Any] = {}
-    unknown = set(changes) - {"url", "events", "mode", "format", "description", "enabled", "filter", "max_rate"}
+    unknown = set(changes) - {"url", "events", "mode", "format", "description", "enabled", "filter", "max_rate", "ordering"}
     if unknown:
         raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
     if "url" in changes:
@@ -270,6 +282,8 @@ def update_endpoint(settings: Settings, ep: Endpoint, changes: dict[str, Any]) -
         kw["filter"] = filters.validate(changes["filter"])
     if "max_rate" in changes:
         kw["max_rate"] = throttle.parse_rate(changes["max_rate"])
+    if "ordering" in changes:
+        kw["ordering"] = validate_ordering(str(changes["ordering"] or "none"))
     if "description" in changes:
         kw["description"] = str(changes["description"] or "")[:500]
     if "enabled" in changes:

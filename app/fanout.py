@@ -30,6 +30,7 @@ from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.endpoints import Registry
 from app.events import InvalidEvent, parse_event
+from app.ordering import is_ordered
 from app.outbox import Outbox
 from app.route import TRIES
 from app.smart import (
@@ -104,7 +105,9 @@ class FanOut:
             for ep in self.registry.matching(ev.event):
                 if not filters.passes(ep, ev, bodies):
                     continue
-                if ep.mode == "immediate":
+                # Ordered immediate deliveries queue like async ones: their order is kept where the
+                # resource's deliveries meet, in the delivery agent (app/ordering.py).
+                if ep.mode == "immediate" and not is_ordered(ep):
                     await self.slots.acquire()
                     d = Delivery.for_event(ev, ep, "immediate")
                     # A fresh copy per try: a failed try may have changed the delivery it dispatched.
@@ -113,7 +116,7 @@ class FanOut:
                     k = smart_key(ep.id, ev.key)
                     self.pending[k] = add_event(self.pending.get(k), ev, now, partition)
                 else:
-                    d = Delivery.for_event(ev, ep, "async")
+                    d = Delivery.for_event(ev, ep, ep.mode if ep.mode == "immediate" else "async")
                     await self.slots.acquire()
                     topic = route.queue_for("async")
                     waits.append(self._spawn(functools.partial(self.outbox.publish, topic, d.resource_key, d.encode())))

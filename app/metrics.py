@@ -105,6 +105,23 @@ THROTTLED = Counter(
     ["endpoint"],
     registry=REGISTRY,
 )
+ORDERING_HELD = Counter(
+    "webhooks_ordering_held_total",
+    "Deliveries held for ordering: appended to webhooks.ordering.held behind a failing delivery of "
+    "the same resource (endpoints with ordering: resource)",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ORDERING_RELEASED = Counter(
+    "webhooks_ordering_released_total",
+    "Held deliveries released (read back in order once the delivery ahead of them was delivered or parked)",
+    registry=REGISTRY,
+)
+ORDERING_BLOCKED = Gauge(
+    "webhooks_ordering_blocked_sequences",
+    "(endpoint, resource) sequences of this worker's partitions blocked behind a delivery in the retry tiers",
+    registry=REGISTRY,
+)
 
 # Endpoint health (app/breaker.py). The breaker is per worker: dashboards take `max by (endpoint)`.
 BREAKER_STATE = Gauge(
@@ -133,7 +150,7 @@ def child(metric: Any, *values: str) -> Any:
     return c
 
 
-_BY_ENDPOINT = (DELIVERIES, BREAKER_STATE, FILTERED_OUT, FILTER_ERRORS, THROTTLED)  # every metric with an `endpoint` label
+_BY_ENDPOINT = (DELIVERIES, BREAKER_STATE, FILTERED_OUT, FILTER_ERRORS, THROTTLED, ORDERING_HELD)  # every metric with an `endpoint` label
 
 
 def forget_endpoints(keep: set[str]) -> int:

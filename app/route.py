@@ -39,6 +39,11 @@ ENDPOINTS = "webhooks.endpoints"  # the endpoint registry (compacted)
 DELIVERIES = "webhooks.deliveries"  # async and smart deliveries, and DLQ replays
 ATTEMPTS = "webhooks.attempts"  # one record per HTTP attempt (observability)
 DLQ = "webhooks.dlq"  # dead deliveries (compacted, keyed by delivery id)
+# Ordered delivery per resource (app/ordering.py): which (endpoint, resource) sequences are blocked
+# behind a failing head (compacted), and the deliveries held behind them; both partitioned like
+# DELIVERIES (a key's records go to the partition its deliveries are read from).
+ORDERING = "webhooks.ordering"
+HELD = "webhooks.ordering.held"
 SMART_TABLE = "smart-pending"  # the Faust table of pending smart items
 SMART_CHANGELOG = f"perfex-webhooks-{SMART_TABLE}-changelog"  # its changelog: Faust's "<app id>-<table>-changelog"
 # Tier topic names are public contracts and fixed by position: a shortened schedule (tests use

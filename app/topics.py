@@ -80,7 +80,7 @@ def spec(name: str) -> TopicSpec:
 RECORD_OVERHEAD = 64 * 1024
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588  # the broker's message.max.bytes default
 CARRIES_EVENT = (route.EVENTS,)
-CARRIES_DELIVERY = (route.DELIVERIES, *route.TIERS, route.DLQ, route.SMART_CHANGELOG)
+CARRIES_DELIVERY = (route.DELIVERIES, *route.TIERS, route.DLQ, route.SMART_CHANGELOG, route.HELD)
 
 
 def required_message_bytes(settings: Settings) -> dict[str, int]:

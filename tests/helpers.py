@@ -28,9 +28,10 @@ from tests.workers import WorkerProcess
 Samples = list[tuple[str, dict[str, str], float]]
 
 
-def register(settings: Settings, receiver: Receiver, path: str, events: str, mode: str) -> Endpoint:
-    """An endpoint on the test receiver, written to the registry topic the way the CLI writes it."""
-    ep = create_endpoint(with_receivers(settings), url=receiver.url(path), events=events, mode=mode)
+def register(settings: Settings, receiver: Receiver, path: str, events: str, mode: str, **kw: Any) -> Endpoint:
+    """An endpoint on the test receiver, written to the registry topic the way the CLI writes it
+    (`kw`: more of create_endpoint's fields, e.g. ordering="resource")."""
+    ep = create_endpoint(with_receivers(settings), url=receiver.url(path), events=events, mode=mode, **kw)
     with Producer(settings) as p:
         p.send(route.ENDPOINTS, ep.id, ep.record())
     return ep

@@ -1,6 +1,7 @@
 """A real HTTP receiver for tests: an aiohttp server in a background thread that records requests.
 
-Each path can be given a behaviour: a callable (n-th request to that path, 1-based) -> Reply.
+Each path can be given a behaviour: a callable (n-th request to that path, 1-based) -> Reply, or
+with `on_body` one that also sees the request body (fail one delivery, not the n-th request).
 Reply can ask for a status, extra headers, a delay, a hang (never answers), or a dropped connection.
 """
 
@@ -63,6 +64,7 @@ class Receiver:
         self.host = host  # 0.0.0.0: reachable from containers (tests/test_containers.py)
         self.requests: list[Received] = []
         self.behaviours: dict[str, Callable[[int], Reply]] = {}
+        self.body_behaviours: dict[str, Callable[[int, bytes], Reply]] = {}
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,6 +80,9 @@ class Receiver:
 
     def on(self, path: str, behaviour: Callable[[int], Reply]) -> None:
         self.behaviours[path] = behaviour
+
+    def on_body(self, path: str, behaviour: Callable[[int, bytes], Reply]) -> None:
+        self.body_behaviours[path] = behaviour
 
     def received(self, path: str | None = None) -> list[Received]:
         with self._lock:
@@ -99,7 +104,8 @@ class Receiver:
         path = request.path
         with self._lock:
             n = self._counts[path] = self._counts.get(path, 0) + 1
-        reply = self.behaviours.get(path, lambda _n: Reply())(n)
+        by_body = self.body_behaviours.get(path)
+        reply = by_body(n, body) if by_body else self.behaviours.get(path, lambda _n: Reply())(n)
         with self._lock:
             self.requests.append(Received(path, dict(request.headers), body, time.time(), reply.status))
         if reply.hang:

@@ -85,6 +85,7 @@ class EndpointRoutes:
                 "events": (str, list),
                 "mode": (str,),
                 "format": (str,),
+                "ordering": (str,),
                 "secret": (str,),
                 "description": (str,),
                 "enabled": (bool,),
@@ -107,6 +108,7 @@ class EndpointRoutes:
                 format=doc.get("format") or "perfexapi",
                 filter=doc.get("filter"),
                 max_rate=doc.get("max_rate"),
+                ordering=doc.get("ordering") or "none",
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
@@ -128,6 +130,7 @@ class EndpointRoutes:
                 "events": (str, list),
                 "mode": (str,),
                 "format": (str,),
+                "ordering": (str,),
                 "description": (str,),
                 "enabled": (bool,),
                 "filter": (dict,),
@@ -136,7 +139,7 @@ class EndpointRoutes:
         )
         if not doc:
             raise ApiError(
-                400, "nothing to change: give url, events, mode, format, description, enabled, filter or max_rate"
+                400, "nothing to change: give url, events, mode, format, ordering, description, enabled, filter or max_rate"
             )
         # null removes a filter or a rate limit; for the other fields it means "unchanged".
         changes = {k: v for k, v in doc.items() if v is not None or k in ("filter", "max_rate")}

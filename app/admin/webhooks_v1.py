@@ -5,7 +5,8 @@ The node sends `X-API-KEY`, creates with `{"name", "url", "events", "secret"?, "
 reads `response.data.id`, checks existence with a truthy `response.data` and deletes by id. So:
 answers are `{"data": ...}`; `is_active` (0/1, or a boolean) is our `enabled`; `name` is kept as the
 endpoint's description; fields we do not use are ignored (the node's shape may grow); `mode`
-defaults to async and `format` to perfexapi; `filter` and `max_rate` are ours (app/filters.py,
+defaults to async, `format` to perfexapi and `ordering` to none; `filter`, `max_rate` and `ordering`
+(`resource`: ordered per resource, app/ordering.py) are ours (app/filters.py,
 app/throttle.py). The secret is in the create answer only. Underneath
 these are the same endpoints `/api/endpoints` manages.
 """
@@ -70,6 +71,7 @@ def view(ep: Endpoint) -> dict[str, Any]:
         "is_active": 1 if ep.enabled else 0,
         "mode": ep.mode,
         "format": ep.format,
+        "ordering": ep.ordering,
         "disabled_reason": ep.disabled_reason,
         "filter": ep.filter,
         "max_rate": ep.max_rate,
@@ -120,6 +122,7 @@ class WebhooksV1Routes:
                 events=events,
                 mode=_text(doc, "mode") or "async",
                 format=_text(doc, "format") or "perfexapi",
+                ordering=_text(doc, "ordering") or "none",
                 secret=secret or None,
                 description=description,
                 enabled=enabled,
@@ -140,7 +143,7 @@ class WebhooksV1Routes:
     async def update(self, request: web.Request) -> web.Response:
         doc = await read_json(request)
         changes: dict[str, Any] = {}
-        for ours, theirs in (("url", "url"), ("mode", "mode"), ("format", "format")):
+        for ours, theirs in (("url", "url"), ("mode", "mode"), ("format", "format"), ("ordering", "ordering")):
             value = _text(doc, theirs)
             if value is not None:
                 changes[ours] = value
@@ -158,7 +161,7 @@ class WebhooksV1Routes:
                 changes[name] = _filter(doc) if name == "filter" else doc[name]
         if not changes:
             raise ApiError(
-                400, "nothing to change: give url, events, is_active, name, mode, format, filter or max_rate"
+                400, "nothing to change: give url, events, is_active, name, mode, format, filter, max_rate or ordering"
             )
         async with self.ctx.write_lock:
             await self.ctx.registry_fresh()

@@ -39,6 +39,7 @@ from app.consumers.base import RecordConsumer
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.health import HEALTH
+from app.ordering import Ordering, read_marker
 from app.successes import RecentSuccesses
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,16 @@ class DeliveryAgent(RecordConsumer[int]):
         dispatcher.successes = self.successes
         # Delivery id -> set once its attempt here is over: a copy read meanwhile waits for it.
         self._attempting: dict[str, asyncio.Event] = {}
+        # Ordered endpoints' deliveries go through their (endpoint, resource) sequence (app/ordering.py).
+        self.ordering = Ordering(settings, dispatcher)
+        self.ordering.successes = self.successes
 
     # ---- lifecycle (event loop) -------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         n = await asyncio.to_thread(self.successes.catch_up)
         log.info("delivery agent: %d recent successes in the attempt log", n)
+        await self.ordering.start()
         self._consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.bootstrap_servers,
@@ -113,6 +118,7 @@ class DeliveryAgent(RecordConsumer[int]):
             await asyncio.wait(mine, timeout=self.settings.delivery_timeout + 2)
         consumer, self._consumer = self._consumer, None
         await asyncio.to_thread(self._close, consumer)
+        await self.ordering.stop()
 
     def _close(self, consumer: Consumer) -> None:
         try:
@@ -198,12 +204,14 @@ class DeliveryAgent(RecordConsumer[int]):
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if partitions:  # they may come from a worker that died: learn what it had delivered
             self.successes.catch_up()
+            self._load_ordering([tp.partition for tp in partitions])
         self.book.assign(tp.partition for tp in partitions)
         self._share(consumer)
         log.info("delivery agent assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions}
+        self.ordering.revoking |= revoked  # a release in progress hands its rest to the next owner
         if self._loop is not None and self._running:
             drain = asyncio.run_coroutine_threadsafe(
                 self.book.until_finished(revoked, self.settings.delivery_timeout + 2), self._loop
@@ -215,6 +223,7 @@ class DeliveryAgent(RecordConsumer[int]):
         self._commit(consumer, asynchronous=False)
         self.book.forget(revoked)
         self._share(consumer)
+        self.ordering.forget(list(revoked))
         log.info("delivery agent revoked %s", sorted(revoked))
 
     def _share(self, consumer: Consumer) -> None:
@@ -232,7 +241,24 @@ class DeliveryAgent(RecordConsumer[int]):
         # Already someone else's: committing now would be refused; their owner re-delivers.
         self.book.forget(tp.partition for tp in partitions)
         self._share(consumer)
+        self.ordering.forget([tp.partition for tp in partitions])
         log.warning("delivery agent lost %s", sorted(tp.partition for tp in partitions))
+
+    def _load_ordering(self, partitions: list[int]) -> None:
+        """The blocked sequences of new partitions, before any of their records is taken (on the
+        loop; this thread waits, tried again until it works: a record of a blocked sequence must
+        never be attempted as if it were not)."""
+        if self._loop is None:
+            return
+        while True:
+            try:
+                asyncio.run_coroutine_threadsafe(self.ordering.load(partitions), self._loop).result(60)
+                return
+            except Exception as exc:
+                if not self._running or self._loop.is_closed():
+                    return
+                log.warning("ordering: loading blocked sequences of %s failed (%r); again", partitions, exc)
+                time.sleep(0.5)
 
     # ---- the event loop side ----------------------------------------------------------------------
     async def _take(self, msgs: list[Any]) -> None:
@@ -250,6 +276,19 @@ class DeliveryAgent(RecordConsumer[int]):
     def where(self, partition: int) -> tuple[str, int]:
         return self.topic, partition
 
+    async def _handle(self, partition: int, offset: int, value: bytes | None) -> BaseException | None:
+        release = read_marker(value)
+        if release is None:
+            return await super()._handle(partition, offset, value)
+        try:
+            await self.ordering.release(partition, *release)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # parked as poison: the partition's commits never wait on it
+            log.exception("delivery agent: ordering release at %s offset %s failed", partition, offset)
+            return exc
+        return None
+
     async def deliver(self, partition: int, delivery: Delivery) -> None:
         # A copy of a delivery being attempted right now (its partition was lost and read again, or
         # the fan-out published it again): wait for that attempt, then skip it if it succeeded.
@@ -260,7 +299,10 @@ class DeliveryAgent(RecordConsumer[int]):
             return
         done = self._attempting[delivery.id] = asyncio.Event()
         try:
-            await self.dispatcher.dispatch(delivery)
+            if self.ordering.applies(partition, delivery):
+                await self.ordering.deliver(partition, delivery)
+            else:
+                await self.dispatcher.dispatch(delivery)
         finally:
             del self._attempting[delivery.id]
             done.set()

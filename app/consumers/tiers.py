@@ -25,6 +25,7 @@ from app.consumers.base import RecordConsumer
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.health import HEALTH, is_fatal
+from app.ordering import release_after_tier
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
         return partition.topic, partition.partition
 
     async def deliver(self, partition: TopicPartition, delivery: Delivery) -> None:
-        await self.dispatcher.dispatch(delivery, tier=self.index[partition.topic])
+        next_ = await self.dispatcher.dispatch(delivery, tier=self.index[partition.topic])
+        await release_after_tier(self.dispatcher, delivery, next_)
 
     def _update_lag(self) -> None:
         """Refresh webhooks_consumer_lag for the tier topics at most once a second, off the poll loop."""
