@@ -204,7 +204,8 @@ def auto_disable_parks_then_re_enable_replays(env: SimpleNamespace, ep_id: str, 
 
     now = eventually(disabled, 40, "the endpoint auto-disabled")
     assert "auto-disabled" in (now.disabled_reason or ""), now.disabled_reason
-    assert metric(w.metrics(), "webhooks_endpoints_auto_disabled_total") == 1
+    # The registry write is visible before the disabling worker counts it: poll the counter.
+    eventually(lambda: metric(w.metrics(), "webhooks_endpoints_auto_disabled_total") == 1, 10, "counted")
     (notice,) = rx.wait_for(1, "/operator")
     verify(notice.body, notice.headers, [OPERATOR_SECRET])  # signed: raises if not
     assert notice.json["event"] == "endpoint.auto_disabled" and notice.json["payload"]["endpoint_id"] == ep_id
