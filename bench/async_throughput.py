@@ -92,11 +92,20 @@ def _stage(
     spy: str | None,
     loglevel: str,
     timeout: float,
+    endpoints: int = 1,
 ) -> dict[str, Any]:
     """One worker from start until the receiver has every delivery of this stage."""
-    path = f"/worker-{stage}"
-    # Distinct filters: the deliveries stage's endpoint never matches the events the other stage emits.
-    ep = register(s, rx.url(path), "invoice.*" if stage == "events" else "invoice.created", "async")
+    path = f"/worker-{stage}-{endpoints}"
+    # Distinct filters: the deliveries stage's endpoint never matches the events the other stage
+    # emits; each events stage has a prefix of its own (a later stage's endpoints never see an earlier
+    # stage's events: its worker starts from the earliest offset of the same topic).
+    if endpoints > 1:
+        s = new_settings(s.bootstrap_servers)
+    eps = [
+        register(s, rx.url(path), "invoice.*" if stage == "events" else "invoice.created", "async")
+        for _ in range(endpoints)
+    ]
+    ep = eps[0]
     with Producer(s) as p:
         for i in range(events):
             key, value = build_event(EVENT, i, invoice(i))
@@ -118,7 +127,7 @@ def _stage(
         wp = psutil.Process(w.pid)
         spying = w.spy(spy) if spy else None
         w0 = wp.cpu_times()
-        rx.wait_for(events, path, timeout=timeout)
+        rx.wait_for(events * endpoints, path, timeout=timeout)
         w1 = wp.cpu_times()
         if spying is not None:
             spying.send_signal(signal.SIGINT)
@@ -126,15 +135,17 @@ def _stage(
         busy = time.time() - started
         stats = rx.stats(path)
         sample = rx.sample(path)
-    verify(sample["body"].encode(), sample["headers"], [ep.secret])  # real, signed deliveries
+    secrets = [e.secret for e in eps]
+    verify(sample["body"].encode(), sample["headers"], secrets)  # real, signed deliveries
     cpu = _cpu(w0, w1)
     return {
+        "endpoints_per_event": endpoints,
         "worker_per_s": round(_rate(stats)),
         "worker_deliveries": stats["count"],
         "worker_unique_ids": stats["unique_delivery_ids"],
         "worker_start_s": round(started - t0, 1),
         # CPU of the whole worker process (every thread, librdkafka's included).
-        "worker_cpu_ms_per_delivery": round(cpu * 1000 / events, 3),
+        "worker_cpu_ms_per_delivery": round(cpu * 1000 / (events * endpoints), 3),
         "worker_cpu_utilisation": round(cpu / busy, 2),
         "worker_cpu_sys_share": round((w1.system - w0.system) / max(1e-9, cpu), 2),
     }
@@ -153,8 +164,19 @@ def run(
     loglevel: str = "info",
     stage: str = "both",
     timeout: float = 600.0,
+    endpoints: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
+    """`endpoints`: an events stage for each count of matching async endpoints per event, each with
+    events/count events (the same number of deliveries); the first is named `events`, the others
+    `events_x<count>`."""
     stages = ["deliveries", "events"] if stage == "both" else [stage]
+    fan: dict[str, int] = {}
+    if "events" in stages:
+        stages.remove("events")
+        for n in endpoints:
+            name = "events" if n == endpoints[0] else f"events_x{n}"
+            stages.append(name)
+            fan[name] = n
     result: dict[str, Any] = {
         "machine": machine(),
         "events": events,
@@ -183,7 +205,9 @@ def run(
 
         baseline("/baseline-before")
         for name in stages:
-            measured[name] = _stage(s, rx, name, events, concurrency, profile, spy, loglevel, timeout)
+            n = fan.get(name, 1)
+            kind = "events" if name in fan else name
+            measured[name] = _stage(s, rx, kind, events // n, concurrency, profile, spy, loglevel, timeout, n)
         baseline("/baseline-after")
 
     base_mean = sum(base_rates) / len(base_rates)
@@ -212,6 +236,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(the whole pipeline, fan-out included), or both, one worker each",
     )
     ap.add_argument("--py-spy", dest="spy", help="sample the worker with py-spy (all threads) into this file")
+    ap.add_argument(
+        "--endpoints",
+        default="1",
+        help="matching async endpoints per event, comma-separated (e.g. 1,5,20): one events stage "
+        "each, with --events / count events so every stage makes the same number of deliveries",
+    )
     args = ap.parse_args(argv)
     result = run(
         events=args.events,
@@ -220,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spy=args.spy,
         loglevel=args.loglevel,
         stage=args.stage,
+        endpoints=tuple(int(x) for x in args.endpoints.split(",")),
     )
     path = save("async_throughput", result)
     flat = dict(result)
@@ -231,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keys += [
             f"{name}: {k}"
             for k in (
+                "endpoints_per_event",
                 "worker_per_s",
                 "ratio",
                 "worker_deliveries",

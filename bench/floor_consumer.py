@@ -1,6 +1,6 @@
 """The latency floor for bench.immediate_latency: a bare aiokafka consumer that posts each event.
 
-    python -m bench.floor_consumer --bootstrap HOST:PORT --topic PREFIX.crm.events --url URL
+    python -m bench.floor_consumer --bootstrap HOST:PORT --topic PREFIX.crm.events --url URL [--times FILE]
 
 (the signing secret comes from BENCH_FLOOR_SECRET, so it never shows in a process list)
 
@@ -8,6 +8,8 @@ It reads `crm.events` from its end (no consumer group, no Faust), builds and sig
 body as the worker and POSTs it: Kafka's produce-to-fetch time plus one HTTP request, the least
 any Kafka-fed deliverer can do on this machine. Run beside the worker on the same events, it gives
 the bench a same-run reference. Prints `ready` once it is positioned at the end of every partition.
+With `--times`, each record's resource id and the time.time() it was consumed go to FILE, one line
+each: the bench splits the floor into produce-ack, ack-to-consume and consume-to-receipt.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import os
 import time
+from typing import TextIO
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -26,7 +29,7 @@ from app.events import parse_event
 from app.signing import build_headers
 
 
-async def run(bootstrap: str, topic: str, url: str, secret: str) -> None:
+async def run(bootstrap: str, topic: str, url: str, secret: str, log: TextIO | None = None) -> None:
     ep = Endpoint(id="ep_floor", url=url, events=("*",), mode="immediate", secret=secret)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
@@ -57,9 +60,12 @@ async def run(bootstrap: str, topic: str, url: str, secret: str) -> None:
         print("ready", flush=True)
         while True:
             batches = await consumer.getmany(timeout_ms=500)
+            consumed = time.time()
             for records in batches.values():
                 for rec in records:
                     ev = parse_event(rec.key, rec.value)
+                    if log is not None:
+                        log.write(f"{ev.resource_id} {consumed:.6f}\n")
                     task = asyncio.create_task(post(Delivery.for_event(ev, ep, "immediate")))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -73,11 +79,16 @@ def main() -> None:
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--url", required=True)
+    ap.add_argument("--times", help="append '<resource id> <consumed at>' per record to this file")
     args = ap.parse_args()
+    log = open(args.times, "a", buffering=1, encoding="utf-8") if args.times else None
     try:
-        asyncio.run(run(args.bootstrap, args.topic, args.url, os.environ["BENCH_FLOOR_SECRET"]))
+        asyncio.run(run(args.bootstrap, args.topic, args.url, os.environ["BENCH_FLOOR_SECRET"], log))
     except KeyboardInterrupt:
         pass
+    finally:
+        if log is not None:
+            log.close()
 
 
 if __name__ == "__main__":
