@@ -112,8 +112,13 @@ class Delivery:
             **({"ordered": True} if self.ordered else {}),
         }
 
-    def encode(self) -> bytes:
-        return orjson.dumps(self.record())
+    def encode(self, data: orjson.Fragment | None = None) -> bytes:
+        """The record as JSON; `data`: the resource already encoded (the fan-out encodes it once per
+        event, not once per endpoint)."""
+        rec = self.record()
+        if data is not None:
+            rec["data"] = data
+        return orjson.dumps(rec)
 
     @classmethod
     def decode(cls, raw: bytes | dict[str, Any]) -> Delivery:

@@ -3,7 +3,9 @@
 - bad input goes to `crm.events.invalid` with its reason (and a metric); the loop goes on;
 - immediate: dispatched here, concurrently, with no extra topic hop;
 - smart: folded into the pending table (see app/smart.py), delivered by a flush marker later;
-- async: published to `webhooks.deliveries` for the delivery agent.
+- async: published to `webhooks.deliveries` for the delivery agent: no task and no asyncio future
+  per record, the delivery reports of a linger batch count their records down in one poll, and the
+  resource is encoded once per event whatever the number of endpoints (docs/performance.md).
 
 Publishing retries through a broker outage (`Outbox.publish`): a record is acked, and so its
 offset committed, only after what it produced has landed.
@@ -68,6 +70,8 @@ class FanOut:
         # Work started for records not yet acked; the worker drains it before a graceful stop.
         self._tasks: set[asyncio.Future[Any]] = set() if tasks is None else tasks
         self._marked: dict[str, float] = {}
+        self._open = 0  # records with async publishes not yet reported (see _busy)
+        self._idle: asyncio.Future[None] | None = None
 
     # ---- per record ------------------------------------------------------------------------------
     async def handle(
@@ -86,6 +90,7 @@ class FanOut:
         as poison (`Dispatcher.park_poison`, which returns only once it landed) and acked: its
         partition's commits never wait on it, and nothing of it is lost."""
         poison = functools.partial(self._poison, key, value, partition, offset)
+        rec: _Record | None = None
         try:
             if _is_marker(headers):
                 await self._flush(value)
@@ -99,9 +104,10 @@ class FanOut:
                 self._ack_when_done([self._spawn(invalid)], ack, poison)
                 return
             metrics.EVENTS_CONSUMED.labels(event=ev.event).inc()
-            waits: list[Awaitable[Any]] = []
+            rec = _Record(self, ack, poison)
             now = time.time()
             bodies: dict[str, Any] = {}  # what filters read, built once per event and format
+            data: orjson.Fragment | None = None  # the resource, encoded once for all its deliveries
             for ep in self.registry.matching(ev.event):
                 if not filters.passes(ep, ev, bodies):
                     continue
@@ -111,21 +117,39 @@ class FanOut:
                     await self.slots.acquire()
                     d = Delivery.for_event(ev, ep, "immediate")
                     # A fresh copy per try: a failed try may have changed the delivery it dispatched.
-                    waits.append(self._spawn(lambda d=d: self.dispatcher.dispatch(dataclasses.replace(d, attempts=[]))))
+                    rec.wait(self._spawn(lambda d=d: self.dispatcher.dispatch(dataclasses.replace(d, attempts=[]))))
                 elif ep.mode == "smart":
                     k = smart_key(ep.id, ev.key)
                     self.pending[k] = add_event(self.pending.get(k), ev, now, partition)
                 else:
+                    if data is None:
+                        data = orjson.Fragment(orjson.dumps(ev.data))
                     d = Delivery.for_event(ev, ep, ep.mode if ep.mode == "immediate" else "async")
                     await self.slots.acquire()
-                    topic = route.queue_for("async")
-                    waits.append(self._spawn(functools.partial(self.outbox.publish, topic, d.resource_key, d.encode())))
-            self._ack_when_done(waits, ack, poison)
+                    # No task and no future: librdkafka's delivery report counts the record down.
+                    await rec.publish(route.queue_for("async"), d.resource_key, d.encode(data))
+            rec.seal()
         except Exception as exc:
             # Never let an exception escape the agent loop (its offset would be skipped). This is a
             # bug path: the record is parked so it can be inspected and re-emitted, then acked.
             log.exception("fan-out failed for a record; parking it in %s", route.DLQ)
-            self._ack_when_done([], ack, poison, exc)
+            if rec is None or rec.sealed:
+                self._ack_when_done([], ack, poison, exc)
+            else:  # parked once what it already started is done
+                rec.error = exc
+                rec.seal()
+
+    def _busy(self, delta: int) -> None:
+        """Count records whose work is under way without a task of their own (async publishes): a
+        graceful stop waits for one future per busy spell, not one per record."""
+        self._open += delta
+        if self._open > 0 and self._idle is None:
+            self._idle = asyncio.get_running_loop().create_future()
+            self._tasks.add(self._idle)
+            self._idle.add_done_callback(self._tasks.discard)
+        elif self._open == 0 and self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
 
     def _spawn(self, make: Callable[[], Awaitable[Any]]) -> asyncio.Task[Any]:
         """Run `make()` as a task, trying it `TRIES` times in all before its error is returned."""
@@ -147,6 +171,18 @@ class FanOut:
                 self.slots.release()
 
         task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_when_free(self, make: Callable[[], Awaitable[Any]]) -> asyncio.Task[Any]:
+        """`_spawn` from a callback: the task takes its slot first."""
+
+        async def later() -> None:
+            await self.slots.acquire()
+            await self._spawn(make)
+
+        task = asyncio.ensure_future(later())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -267,3 +303,63 @@ def _is_marker(headers: Any) -> bool:
         return False
     items = headers.items() if isinstance(headers, dict) else headers
     return any(k == MARKER_HEADER and v == MARKER_VALUE for k, v in items)
+
+
+class _Record:
+    """One event's work in flight: async publishes (counted down by their delivery reports) and
+    tasks (immediate dispatches). Acks the event once all of it is safe; a publish the broker
+    refused is retried like any other work (`FanOut._spawn`), and poison handling takes what still
+    fails. The happy path costs no task and no asyncio future per record."""
+
+    __slots__ = ("ack", "counted", "error", "failed", "fanout", "open", "poison", "sealed", "tasks")
+
+    def __init__(self, fanout: FanOut, ack: Callable[[], Any], poison: Callable[[BaseException], Awaitable[None]]) -> None:
+        self.fanout = fanout
+        self.ack = ack
+        self.poison = poison
+        self.open = 0
+        self.sealed = False
+        self.counted = False
+        self.failed: list[tuple[str, str, bytes]] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.error: BaseException | None = None  # handling itself raised: park the record
+
+    def wait(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.append(task)
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        self.open += 1
+        if not self.counted:
+            self.counted = True
+            self.fanout._busy(1)
+
+        def reported(err: Any) -> None:
+            self.fanout.slots.release()
+            if err is not None:
+                self.failed.append((topic, key, value))
+            self.open -= 1
+            if self.open == 0 and self.sealed:
+                try:
+                    self._finish()
+                except Exception:  # runs inside the producer's poll: never break report serving
+                    log.exception("fan-out: finishing a record")
+
+        await self.fanout.outbox.send_reported(topic, key, value, reported)
+
+    def seal(self) -> None:
+        """Every piece of work is started: ack when it is done (now, if there was none)."""
+        self.sealed = True
+        if self.open == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        fanout = self.fanout
+        if self.counted:
+            self.counted = False
+            fanout._busy(-1)
+        if not self.failed:
+            fanout._ack_when_done(self.tasks, self.ack, self.poison, self.error)
+            return
+        # Refused by the broker: try again through the retrying path, each in a slot of its own.
+        retries = [fanout._spawn_when_free(functools.partial(fanout.outbox.publish, *f)) for f in self.failed]
+        fanout._ack_when_done(self.tasks + retries, self.ack, self.poison, self.error)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -208,6 +209,38 @@ class Outbox:
                 self._on_error(err, producer)
                 fut.set_exception(PublishError(err))
                 return fut
+
+    async def send_reported(
+        self, topic: str, key: str | bytes | None, value: bytes, on_report: Callable[[Any], None]
+    ) -> None:
+        """Queue a record and call `on_report(error or None)` from its delivery report (on the loop).
+
+        The fan-out's hot path: no asyncio future per record, the reports of a whole linger batch
+        are served by one poll. A fatal producer error is handled as for `send`; the caller sends a
+        refused record again (through `publish`)."""
+        producer = self._producer
+        assert producer is not None, "Outbox.start() first"
+
+        def report(err: Any, _msg: Any) -> None:
+            self._pending -= 1
+            if err is not None:
+                self._on_error(err, producer)
+            on_report(err)
+
+        name = self.settings.topic(topic)
+        while True:
+            try:
+                producer.produce(name, value, key, on_delivery=report)
+                self._pending += 1
+                self._schedule_poll(0.002)
+                return
+            except BufferError:  # librdkafka's queue is full: let it drain (backpressure)
+                await asyncio.sleep(0.005)
+            except KafkaException as exc:
+                err = exc.args[0]
+                self._on_error(err, producer)
+                on_report(err)
+                return
 
     def send_untracked(self, topic: str, key: str | bytes | None, value: bytes) -> None:
         """Queue a record whose acknowledgement nobody waits for (the attempt log): no future, no

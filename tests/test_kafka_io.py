@@ -37,6 +37,22 @@ def test_outbox_acks_with_the_offset_and_refuses_an_oversized_record_at_once(set
                 await outbox.publish("webhooks.attempts", "ep_1", b"x" * 3_000_000)  # topic limit: 2 MiB
             assert not refused.value.retriable
             assert time.monotonic() - started < 10  # reported, not retried until a timeout
+            # The fan-out's path: no future, each record's report calls back once, on the loop.
+            reports: list[Any] = []
+            done = asyncio.Event()
+
+            def on_report(err: Any) -> None:
+                reports.append(err)
+                if len(reports) == 2:
+                    done.set()
+
+            await outbox.send_reported("webhooks.attempts", "ep_1", b"{}", on_report)
+            await outbox.send_reported("webhooks.attempts", "ep_1", b"x" * 3_000_000, on_report)
+            await asyncio.wait_for(done.wait(), 10)
+            # The good one landed, the oversized one did not (refused locally: it may report first).
+            assert sorted(r is None for r in reports) == [False, True]
+            refusal = next(r for r in reports if r is not None)
+            assert not PublishError(refusal).retriable
         finally:
             await outbox.stop()
 
