@@ -103,7 +103,7 @@ class FanOut:
                 invalid = functools.partial(self._invalid, key, value, exc.reason, exc.detail)
                 self._ack_when_done([self._spawn(invalid)], ack, poison)
                 return
-            metrics.EVENTS_CONSUMED.labels(event=ev.event).inc()
+            metrics.child(metrics.EVENTS_CONSUMED, ev.event).inc()
             rec = _Record(self, ack, poison)
             now = time.time()
             bodies: dict[str, Any] = {}  # what filters read, built once per event and format
