@@ -30,6 +30,11 @@ refuses to start the worker otherwise, instead of raising inside Faust's rebalan
   since the last commit out again (issue 11: 6-8 partitions during a broker failover, and once on a
   quiet broker seconds after a worker started).
 
+- `_lazy_commit_tables` (CPU, not records): `Consumer._commit_offsets` renders a terminal table of
+  the offsets (terminaltables) on every commit, 5 a second, for a `dev`-level log line that is never
+  printed: 45 % of the commits' CPU in docs/performance.md 5.1. The table is now rendered only if
+  the line is.
+
 Records read again are processed twice (at-least-once, same delivery ids). `committed_offset` reads
 Faust's own record of its commits for the lag gauge: there is no public accessor.
 """
@@ -68,6 +73,7 @@ PRIVATES = (
     ("asyncio.Queue()", "_queue"),  # FlowControlQueue's items
     ("app", "consumer_generation_id"),
     ("faust.types.tuples.Message", "generation_id"),
+    ("faust.transport.consumer", "terminal"),  # the module's `terminal.logtable` in _commit_offsets
 )
 
 
@@ -91,6 +97,7 @@ def check_version() -> None:
 
 def check(app: faust.App) -> None:
     """check_version, then refuse unless Faust has every private the workarounds use."""
+    from faust.transport import consumer as consumer_module
     from faust.transport.consumer import Consumer
     from faust.types.tuples import Message
 
@@ -103,6 +110,7 @@ def check(app: faust.App) -> None:
         "asyncio.Queue()": asyncio.Queue,
         "app": lambda: app,
         "faust.types.tuples.Message": lambda: Message,
+        "faust.transport.consumer": lambda: consumer_module,
     }
     missing = [f"{owner}.{attr}" for owner, attr in PRIVATES if not hasattr(owners[owner](), attr)]
     if missing:
@@ -118,6 +126,7 @@ def install(app: faust.App, streams: set[str]) -> None:
     _commit_only_acked(streams)
     _track_commits()
     _reseek_after_flow_resume(app, streams)
+    _lazy_commit_tables()
     stalled: dict[Any, int] = {}
 
     @app.timer(REREAD_INTERVAL)
@@ -190,6 +199,39 @@ def head_offset(consumer: Any, tp: Any) -> int | None:
     if committed is None or committing is None:
         return committed
     return max(committed, committing)
+
+
+class _Rendered:
+    """A log argument rendered only when the log line is formatted (i.e. printed)."""
+
+    __slots__ = ("_render",)
+
+    def __init__(self, render: Callable[[], str]) -> None:
+        self._render = render
+
+    def __str__(self) -> str:
+        return self._render()
+
+
+class _LazyTerminal:
+    """faust.utils.terminal with `logtable` deferred; everything else passes through."""
+
+    def __init__(self, terminal: Any) -> None:
+        self._terminal = terminal
+
+    def logtable(self, *args: Any, **kw: Any) -> _Rendered:
+        return _Rendered(lambda: str(self._terminal.logtable(*args, **kw)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._terminal, name)
+
+
+def _lazy_commit_tables() -> None:
+    """CPU only: the commit's offsets table is rendered when its `dev` log line is printed, not before."""
+    from faust.transport import consumer as consumer_module
+
+    if not isinstance(consumer_module.terminal, _LazyTerminal):
+        consumer_module.terminal = _LazyTerminal(consumer_module.terminal)  # type: ignore[assignment]
 
 
 def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:

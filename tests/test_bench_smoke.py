@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kafka
 
 @pytest.fixture(scope="module")
 def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
-    from bench import async_throughput, hotpath, immediate_latency, memory, smart_burst
+    from bench import async_throughput, hotpath, immediate_latency, ingest, memory, smart_burst
 
     bs = kafka.bootstrap
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
@@ -27,8 +27,9 @@ def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
         "latency": lambda: immediate_latency.run(rate=40, seconds=0.5, warmup=0.5, bootstrap=bs),
         "smart": lambda: smart_burst.run(resources=15, saves=3, window="300ms", bootstrap=bs, timeout=90),
         "memory": lambda: memory.run(endpoints=30, backlog=(10, 50), bootstrap=bs, settle=1.0),
+        "ingest": lambda: ingest.run(events=40, concurrency=4, batch=10, bootstrap=bs),
     }
-    # Three at a time: all five at once beside the suite's other processes overloaded the broker.
+    # Three at a time (two rounds): all at once beside the suite's other processes overloaded the broker.
     with ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(job) for name, job in jobs.items()}
         for f in futures.values():
@@ -55,12 +56,22 @@ def test_immediate_latency(runs) -> None:
     assert r["deliveries"] == r["events"] == 20
     assert 0 < r["worker"]["p50_ms"] <= r["worker"]["p99_ms"] <= r["worker"]["max_ms"]
     assert r["floor"]["p50_ms"] > 0
+    # The floor's parts, for every measured event the floor consumer logged.
+    assert set(r["floor_parts"]) == {"produce_ack", "ack_to_consume", "consume_to_receipt"}
+    assert r["floor_parts"]["produce_ack"]["p50_ms"] > 0
 
 
 def test_smart_burst(runs) -> None:
     r = runs["smart"].result()
     assert r["exact"], r
     assert r["collapsed_counts"] == {"3": 15}
+
+
+def test_ingest(runs) -> None:
+    r = runs["ingest"].result()  # every event acknowledged, or the run raises
+    for form in ("single", "batch_form"):
+        assert r[form]["events_per_s"] > 0 and r[form]["share_of_produce_path"] > 0
+    assert r["produce_path"]["events_per_s"] > 0
 
 
 def test_memory(runs) -> None:
