@@ -68,6 +68,9 @@ class HoldingDispatcher:
         self.release = asyncio.Event()
         self.held = held
         self.throttle = Throttle()  # the agent sets this worker's share of endpoints' max_rate
+        # The agent's ordering sequencer reads these; no endpoint here asks for ordered delivery.
+        self.outbox: Any = None
+        self.registry: dict[str, Any] = {}
 
     async def dispatch(self, d: Delivery) -> None:
         self.seen.append(d.id)
