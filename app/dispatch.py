@@ -23,6 +23,7 @@ from app.config import Settings
 from app.delivery import Attempt, Delivery, HttpSender
 from app.endpoints import Registry, StaleWrite
 from app.outbox import Outbox
+from app.successes import RecentSuccesses
 from app.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,14 @@ class Dispatcher:
         self.max_waiting_per_endpoint = settings.max_in_flight_per_endpoint * 2
         # The worker's view of webhooks.dlq (app/observe.py sets it): see park().
         self.dlq_view: Any = None
-        # Delivery ids delivered lately (app/successes.py; the delivery agent sets it): each 2xx is added.
-        self.successes: Any = None
+        # Delivery ids delivered lately (app/successes.py): each 2xx is added, and a delivery read or
+        # fanned out again after a crash or rebalance whose id is here is skipped, whichever path
+        # (immediate fan-out, delivery agent, retry tier) it comes by. The worker catches it up with
+        # the attempt log at start and whenever a consumer is assigned partitions.
+        self.successes = RecentSuccesses(settings)
+        # Delivery ids being dispatched here now: a second copy (the fan-out re-published a delivery
+        # the agent also re-reads) waits for the first to finish, then is skipped if it succeeded.
+        self._active: dict[str, asyncio.Event] = {}
         # Circuit breakers and auto-disable (app/breaker.py).
         self.health = EndpointHealth(settings, sender, self.disable_endpoint)
         self.throttle = Throttle()  # endpoints' max_rate (app/throttle.py); its share set by the delivery agent
@@ -53,7 +60,24 @@ class Dispatcher:
     # ---- entry point -----------------------------------------------------------------------------
     async def dispatch(self, d: Delivery, tier: int | None = None) -> route.Next:
         """Attempt `d` (read from tier `tier`, or fresh) and send it where its outcome says; returns
-        that outcome (app/ordering.py blocks a resource's sequence behind a delivery not done)."""
+        that outcome (app/ordering.py blocks a resource's sequence behind a delivery not done). A
+        delivery whose success is already recorded (a crash or rebalance made someone read it
+        again) is skipped: Done."""
+        if self.successes.catching_up:  # partitions just assigned: learn what was delivered first
+            await self.successes.settled()
+        while (running := self._active.get(d.id)) is not None:
+            await running.wait()
+        if d.id in self.successes:
+            metrics.DUPLICATES_SKIPPED.inc()
+            return route.DONE
+        done = self._active[d.id] = asyncio.Event()
+        try:
+            return await self._dispatch(d, tier)
+        finally:
+            del self._active[d.id]
+            done.set()
+
+    async def _dispatch(self, d: Delivery, tier: int | None) -> route.Next:
         ep = self.registry.get(d.endpoint_id)
         instead = route.before_attempt(None if ep is None else ep.enabled, d.not_before, tier, time.time())
         if instead == route.Dead("endpoint_disabled") and d.replays:
@@ -149,8 +173,7 @@ class Dispatcher:
         self._log_attempt(d, record, None if a.ok else a.request)
         if a.ok:
             metrics.child(metrics.END_TO_END, d.mode).observe(max(0.0, time.time() - d.occurred_ts))
-            if self.successes is not None:
-                self.successes.add(d.id)
+            self.successes.add(d.id)
             return route.DONE
         d.failures += 1
         if a.retry_after:

@@ -65,6 +65,9 @@ class Components:
         await self.sender.start()
         await self.registry.start()
         await asyncio.wait_for(self.registry.ready.wait(), 60)
+        # Before any consumer reads: what this group delivered lately is skipped if read again.
+        n = await self.dispatcher.successes.catch_up_async()
+        log.info("%d recent successes in the attempt log", n)
         await self.tiers.start()
         await self.agent.start()
         from app.web import WebServer
@@ -202,6 +205,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
             await comps.stop()
 
     app.service(ComponentsService)
+
+    @app.on_partitions_assigned.connect
+    async def learn_successes(sender: Any, assigned: Any, **_: Any) -> None:
+        # The fan-out's new partitions may come from a worker that died: learn what it delivered
+        # before their uncommitted records are read again (Faust resumes them after this signal),
+        # so the Dispatcher skips those immediate deliveries instead of sending them twice.
+        if assigned:
+            n = await comps.dispatcher.successes.catch_up_async()
+            log.info("fan-out: %d successes learnt from the attempt log", n)
     observe.install(app, comps)  # DLQ view (comps.dlq_view), webhooks_dlq_size, Faust consumer lag
     comps.faust_app = app
     return app, comps

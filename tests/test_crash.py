@@ -2,8 +2,9 @@
 
 2,000 async events; the worker is killed once at least 300 were delivered and a replacement takes
 over. Nothing may be lost, and at most 10 % of the requests may be duplicates: commits follow acks
-closely and the delivery agent skips deliveries whose success the attempt log already records
-(app/successes.py). The ratio is printed and reported in docs/performance.md.
+closely and the Dispatcher skips deliveries whose success the attempt log already records
+(app/successes.py). The ratio is printed and reported in docs/performance.md. The other modes'
+SIGKILL tests (immediate, smart, tier, rebalance) are in tests/test_faults.py.
 """
 
 from __future__ import annotations

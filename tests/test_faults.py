@@ -1,7 +1,8 @@
 """At-least-once under faults (SPEC §5), with real worker processes and the real broker.
 
 Compressed retry schedule (200 ms tiers). Each test proves "nothing lost" by comparing the set of
-event ids the receiver got with the set produced; duplicates are allowed and printed.
+event ids the receiver got with the set produced; duplicates are counted and printed, and after a
+SIGKILL bounded (DUP_BOUND).
 """
 
 from __future__ import annotations
@@ -128,14 +129,24 @@ def duplicates_report(label: str, got: list[Received], expected: set[str]) -> tu
         f"\n{label}: {len(expected)} events, {len(ok)} 2xx deliveries, {dups} duplicates, "
         f"{split} events delivered under more than one delivery id"
     )
+    # Where the duplicates come from: per repeated delivery id, each copy's attempt number and time.
+    copies: dict[str, list[Received]] = defaultdict(list)
+    for r in ok:
+        copies[r.header("X-PerfexAPI-Delivery") or ""].append(r)
+    repeated = {d: rs for d, rs in copies.items() if len(rs) > 1}
+    if repeated:
+        kinds = Counter(tuple(x.header("X-PerfexAPI-Attempt") for x in rs) for rs in repeated.values())
+        print(f"{label}: repeated ids by attempt numbers of their copies: {dict(kinds)}")
+        for d, rs in list(repeated.items())[:5]:
+            print(f"  {d}: " + ", ".join(f"attempt {x.header('X-PerfexAPI-Attempt')} at {x.at % 1000:.2f}" for x in rs))
     return dups, split
 
 
 # ---- SIGKILL, in every mode ---------------------------------------------------------------------------
-# Issue 11's bound on duplicates after a crash: asserted where the pipeline meets it reliably today
-# (async, immediate, smart pending: 1-2 % measured), measured and printed everywhere. Not yet for
-# records in a tier (27 % measured: a restarted tier re-sends what was retried since its last
-# commit) nor during a rebalance (4-6 % measured, too close to the bound to be reliable).
+# Issue 11's bound on duplicates after a crash, asserted by every SIGKILL test (crash_report): what
+# the dead worker delivered but had not committed is read again, and the Dispatcher skips every
+# delivery whose success the attempt log records (app/successes.py), so what remains is about the
+# requests in flight at the kill. Ratios measured: docs/performance.md section 6.
 DUP_BOUND = 0.10
 
 
@@ -143,8 +154,9 @@ def kill_and_replace(w: WorkerProcess, workers: Callable[..., WorkerProcess], **
     """SIGKILL: no shutdown, no commit, in-flight requests cut; then a replacement on the same group."""
     w.kill()
     t0 = time.monotonic()
+    print(f"\nSIGKILL at {time.time() % 1000:.2f}")
     w2 = workers(name="worker2", **env)
-    print(f"\nSIGKILL; replacement ready in {time.monotonic() - t0:.1f}s")
+    print(f"replacement ready in {time.monotonic() - t0:.1f}s")
     return w2
 
 
@@ -158,14 +170,16 @@ def flow(settings: Settings, event: str, n: int, rate: float) -> tuple[threading
 def crash_report(
     label: str, w: WorkerProcess, receiver: Receiver, path: str, expected: set[str], timeout: float = 150
 ) -> float:
-    """Every expected event delivered (2xx) on `path`, the pipeline settled (a late duplicate counts
-    too), every duplicate under the delivery id of its first copy; returns the duplicate ratio."""
+    """Every expected event delivered (2xx) on `path` (0 lost), the pipeline settled (a late duplicate
+    counts too), every duplicate under the delivery id of its first copy, and at most DUP_BOUND
+    duplicate requests per event; returns the duplicate ratio (printed)."""
     wait_for_events(receiver, path, expected, timeout=timeout)
     settle(w, accounted=lambda: True, timeout=60)
     dups, split = duplicates_report(label, receiver.received(path), expected)
     assert split == 0, f"{label}: {split} duplicates came with a new delivery id: receivers could not dedupe them"
     ratio = dups / len(expected)
     print(f"{label}: duplicate ratio {ratio:.1%}")
+    assert ratio <= DUP_BOUND, f"{label}: {dups} duplicates for {len(expected)} events ({ratio:.1%})"
     return ratio
 
 
@@ -183,8 +197,7 @@ def test_sigkill_async_mid_flow_loses_nothing(settings, receiver, workers) -> No
     finally:
         producer.join(60)
     assert len(set(ids)) == n
-    ratio = crash_report("SIGKILL async", w2, receiver, "/k", set(ids))
-    assert ratio <= DUP_BOUND
+    crash_report("SIGKILL async", w2, receiver, "/k", set(ids))
     assert read_view(settings) == {}
 
 
@@ -200,8 +213,6 @@ def test_sigkill_immediate_mid_flow_loses_nothing(settings, receiver, workers) -
         w2 = kill_and_replace(w, workers, **env)
     finally:
         producer.join(60)
-    # Measured, not bounded: immediate duplicates are the records the fan-out had in flight and not
-    # yet committed, 1.6 % on a quiet machine but 21 % with the suite's 3 processes at once (#12).
     crash_report("SIGKILL immediate", w2, receiver, "/ki", set(ids))
     assert read_view(settings) == {}
 
@@ -229,10 +240,9 @@ def test_sigkill_with_smart_items_pending_loses_nothing(settings, receiver, work
     before = len(receiver.received("/ks"))
     w2 = kill_and_replace(w, workers, **env)
     print(f"killed with {pending:g} smart items pending, {before} delivered before")
-    ratio = crash_report("SIGKILL smart pending", w2, receiver, "/ks", set(last.values()))
+    crash_report("SIGKILL smart pending", w2, receiver, "/ks", set(last.values()))
     for r in receiver.received("/ks"):
         assert r.json["payload"]["k"] == str(saves - 1), r.json  # each carries the last save
-    assert ratio <= DUP_BOUND
     assert read_view(settings) == {}
 
 
@@ -240,15 +250,15 @@ def test_sigkill_with_smart_items_pending_loses_nothing(settings, receiver, work
 def test_sigkill_with_records_waiting_in_a_tier_loses_nothing(settings, make_receiver, workers) -> None:
     r = make_receiver(lambda _path, attempt, _e: Reply(500) if attempt == 1 else Reply(200))
     register(settings, r, "/kt", "contract.*", "async")
-    env = {"WEBHOOKS_RETRY_SCHEDULE": "5s"}
+    env = {"WEBHOOKS_RETRY_SCHEDULE": "10s"}  # long enough that none is due before the kill, under load too
     w = workers(**env)
     n = 300
     expected = set(produce(settings, "contract.signed", [str(i) for i in range(n)]))
-    # Every first attempt failed: all n deliveries now wait out the 5 s tier.
+    # Every first attempt failed: all n deliveries now wait out the 10 s tier.
     eventually(lambda: metric(w.metrics(), "webhooks_retries_scheduled_total") >= n, 60, "all in the tier")
     assert not any(200 <= x.status < 300 for x in r.received("/kt"))
     w2 = kill_and_replace(w, workers, **env)
-    crash_report("SIGKILL tier", w2, r, "/kt", expected)  # the ratio is printed; see DUP_BOUND
+    crash_report("SIGKILL tier", w2, r, "/kt", expected)
     assert all(
         x.header("X-PerfexAPI-Attempt") == "2" for x in r.received("/kt") if 200 <= x.status < 300
     )  # a retry, not a fresh delivery
@@ -289,7 +299,7 @@ def test_sigkill_during_a_rebalance_with_two_workers_loses_nothing(settings, rec
         producer.join(60)
     expected = set(ids)
     for path in ("/ra", "/ri"):
-        crash_report(f"SIGKILL rebalance {path}", w2, receiver, path, expected)  # ratio printed; see DUP_BOUND
+        crash_report(f"SIGKILL rebalance {path}", w2, receiver, path, expected)
     assert read_view(settings) == {}
 
 

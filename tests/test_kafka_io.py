@@ -16,6 +16,7 @@ from app.config import Settings
 from app.consumers.deliveries import DeliveryAgent
 from app.delivery import Delivery
 from app.outbox import Outbox, PublishError
+from app.successes import RecentSuccesses
 from app.throttle import Throttle
 from app.topics import apply
 
@@ -62,7 +63,9 @@ def test_outbox_acks_with_the_offset_and_refuses_an_oversized_record_at_once(set
 class HoldingDispatcher:
     """Records what it is given; the deliveries named in `held` wait until released."""
 
-    def __init__(self, held: set[str]) -> None:
+    def __init__(self, settings: Settings, held: set[str]) -> None:
+        # What a consumer catches up on assignment (app/successes.py), on the test's broker.
+        self.successes = RecentSuccesses(settings)
         self.seen: list[str] = []
         self.parked: list[str] = []
         self.release = asyncio.Event()
@@ -116,7 +119,7 @@ def test_delivery_agent_commits_only_up_to_the_first_unfinished_record(settings:
             await asyncio.sleep(0.1)
 
     async def go() -> None:
-        dispatcher = HoldingDispatcher(held={"dlv_5"})
+        dispatcher = HoldingDispatcher(settings, held={"dlv_5"})
         agent = DeliveryAgent(settings, dispatcher)  # type: ignore[arg-type]
         await agent.start()
         try:
@@ -141,8 +144,8 @@ def test_delivery_agent_commits_only_up_to_the_first_unfinished_record(settings:
 class RaisingDispatcher(HoldingDispatcher):
     """Raises for one delivery id, every time: a valid record whose handling fails."""
 
-    def __init__(self, bad: str) -> None:
-        super().__init__(held=set())
+    def __init__(self, settings: Settings, bad: str) -> None:
+        super().__init__(settings, held=set())
         self.bad = bad
         self.tries = 0
 
@@ -164,7 +167,7 @@ def test_a_valid_record_whose_handling_raises_is_tried_three_times_then_parked(s
     probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
 
     async def go() -> None:
-        dispatcher = RaisingDispatcher(bad="dlv_1")
+        dispatcher = RaisingDispatcher(settings, bad="dlv_1")
         agent = DeliveryAgent(settings, dispatcher)  # type: ignore[arg-type]
         await agent.start()
         try:

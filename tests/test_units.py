@@ -192,3 +192,72 @@ def test_recent_successes_are_bounded_and_keep_the_newest() -> None:
         r.add(f"dlv_{i}")
     assert len(r) == 100
     assert "dlv_999" in r and "dlv_900" in r and "dlv_899" not in r
+
+
+def test_dispatch_skips_a_recorded_success_and_waits_for_a_running_catch_up() -> None:
+    """Every path (immediate fan-out, delivery agent, tiers) dispatches through here: a delivery whose
+    2xx the attempt log records is never attempted again, and while a catch-up with the log runs (a
+    consumer was just assigned partitions) nothing is checked against the half-read index."""
+    import asyncio
+
+    from app import metrics
+    from app.dispatch import Dispatcher
+
+    class NoSender:
+        async def attempt(self, *_: object) -> None:
+            raise AssertionError("a recorded success was attempted again")
+
+    d = Delivery.decode(
+        Delivery(
+            id="dlv_seen", endpoint_id="ep_1", event="lead.created", event_id="evt_1",
+            occurred_at="2026-11-27T10:00:00.000Z", occurred_ts=0.0, resource_key="lead:1", data={},
+        ).encode()
+    )
+
+    async def run() -> None:
+        disp = Dispatcher(Settings(), None, NoSender(), None)  # type: ignore[arg-type]
+        skipped = metrics.DUPLICATES_SKIPPED._value.get()
+        disp.successes._pending = 1  # a catch-up is reading the log: the id is not known yet
+        task = asyncio.ensure_future(disp.dispatch(d))
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        disp.successes.add("dlv_seen")  # ... the read finds it
+        disp.successes._pending = 0
+        await asyncio.wait_for(task, 2)
+        assert metrics.DUPLICATES_SKIPPED._value.get() == skipped + 1
+
+    asyncio.run(run())
+
+
+def test_two_copies_of_one_delivery_at_once_make_one_request() -> None:
+    """After a kill the fan-out re-publishes a delivery the agent also re-reads: two copies of one id
+    can be dispatched at the same moment. The second waits for the first and is skipped."""
+    import asyncio
+    import time as _time
+    from types import SimpleNamespace
+
+    from app.delivery import Attempt
+    from app.dispatch import Dispatcher
+
+    class SlowOk:
+        calls = 0
+
+        async def attempt(self, *_: object) -> Attempt:
+            SlowOk.calls += 1
+            await asyncio.sleep(0.1)
+            return Attempt(number=1, at=_time.time(), outcome="success", status=200, latency_ms=100.0)
+
+    ep = SimpleNamespace(id="ep_1", enabled=True)
+    registry = SimpleNamespace(get=lambda _id: ep)
+    outbox = SimpleNamespace(send_untracked=lambda *_: None)
+    fields = dict(
+        id="dlv_twice", endpoint_id="ep_1", event="lead.created", event_id="evt_1",
+        occurred_at="2026-11-27T10:00:00.000Z", occurred_ts=0.0, resource_key="lead:1", data={},
+    )
+
+    async def run() -> None:
+        disp = Dispatcher(Settings(), registry, SlowOk(), outbox)  # type: ignore[arg-type]
+        await asyncio.gather(disp.dispatch(Delivery(**fields)), disp.dispatch(Delivery(**fields)))  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert SlowOk.calls == 1

@@ -55,6 +55,14 @@ class RecordConsumer(ABC, Generic[K]):
         """Below half the cap: resume (the gap keeps pause/resume from flapping on every record)."""
         return self.held <= self.max_records // 2
 
+    def learn_successes(self) -> None:
+        """Call when partitions are assigned, before reading them: they may come from a worker that
+        died, whose uncommitted records are read again here. Learning what it had delivered lets the
+        Dispatcher skip those (app/successes.py) instead of sending them twice. Blocking (from a
+        consumer thread; on the event loop `await dispatcher.successes.catch_up_async()`)."""
+        n = self.dispatcher.successes.catch_up()
+        log.info("%s: %d successes learnt from the attempt log", self.name, n)
+
     @abstractmethod
     async def start(self) -> None: ...
 

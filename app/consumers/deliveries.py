@@ -17,9 +17,9 @@ attempt never outlives the delivery timeout) and commits them before the partiti
 What a broker failover costs (issue 11, tests/test_failover.py): while the group coordinator is
 gone, commits fail and the group session may time out; the partitions are then lost and read again
 from the last commit, and the fan-out may publish a delivery again. A failed commit is offered
-again at the next commit (`_on_commit`), a delivery recorded as delivered is skipped
-(app/successes.py), and a delivery whose id is being attempted right now waits for that attempt
-and is then skipped if it succeeded (`_attempting`), so neither copy becomes a second request.
+again at the next commit (`_on_commit`); the Dispatcher skips a delivery recorded as delivered
+(app/successes.py), and a delivery whose id is being attempted right now waits for that attempt and
+is then skipped if it succeeded (`Dispatcher.dispatch`), so neither copy becomes a second request.
 """
 
 from __future__ import annotations
@@ -33,20 +33,19 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from app import metrics, route
+from app import route
 from app.config import Settings
 from app.consumers.base import RecordConsumer
 from app.delivery import Delivery
 from app.dispatch import Dispatcher
 from app.health import HEALTH
 from app.ordering import Ordering, read_marker
-from app.successes import RecentSuccesses
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
 # Commits follow finished records closely (at most this much later): after a crash the next owner
-# re-reads only what finished since (and skips those recorded as delivered: app/successes.py).
+# re-reads only what finished since (and the Dispatcher skips those recorded as delivered).
 COMMIT_INTERVAL = 0.1
 HANDOVER_WAIT = 0.5  # longest the thread waits for the loop to take a batch (then it pauses and polls)
 
@@ -68,20 +67,13 @@ class DeliveryAgent(RecordConsumer[int]):
         self._thread: threading.Thread | None = None
         self._running = False
         self._partitions = 0  # of self.topic, for the throttle's share
-        # Deliveries already delivered (a crash re-reads what was not committed): skipped.
-        self.successes = RecentSuccesses(settings)
-        dispatcher.successes = self.successes
-        # Delivery id -> set once its attempt here is over: a copy read meanwhile waits for it.
-        self._attempting: dict[str, asyncio.Event] = {}
         # Ordered endpoints' deliveries go through their (endpoint, resource) sequence (app/ordering.py).
         self.ordering = Ordering(settings, dispatcher)
-        self.ordering.successes = self.successes
+        self.ordering.successes = dispatcher.successes
 
     # ---- lifecycle (event loop) -------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        n = await asyncio.to_thread(self.successes.catch_up)
-        log.info("delivery agent: %d recent successes in the attempt log", n)
         await self.ordering.start()
         self._consumer = Consumer(
             {
@@ -202,8 +194,8 @@ class DeliveryAgent(RecordConsumer[int]):
 
     # ---- rebalance callbacks (consumer thread, inside poll) ---------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if partitions:  # they may come from a worker that died: learn what it had delivered
-            self.successes.catch_up()
+        if partitions:
+            self.learn_successes()
             self._load_ordering([tp.partition for tp in partitions])
         self.book.assign(tp.partition for tp in partitions)
         self._share(consumer)
@@ -290,19 +282,7 @@ class DeliveryAgent(RecordConsumer[int]):
         return None
 
     async def deliver(self, partition: int, delivery: Delivery) -> None:
-        # A copy of a delivery being attempted right now (its partition was lost and read again, or
-        # the fan-out published it again): wait for that attempt, then skip it if it succeeded.
-        while (running := self._attempting.get(delivery.id)) is not None:
-            await running.wait()
-        if delivery.id in self.successes:
-            metrics.DUPLICATES_SKIPPED.inc()
-            return
-        done = self._attempting[delivery.id] = asyncio.Event()
-        try:
-            if self.ordering.applies(partition, delivery):
-                await self.ordering.deliver(partition, delivery)
-            else:
-                await self.dispatcher.dispatch(delivery)
-        finally:
-            del self._attempting[delivery.id]
-            done.set()
+        if self.ordering.applies(partition, delivery):
+            await self.ordering.deliver(partition, delivery)
+        else:
+            await self.dispatcher.dispatch(delivery)

@@ -81,6 +81,9 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
         self.book.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:  # they may come from a worker that died: learn what it had delivered
+            n = await self.dispatcher.successes.catch_up_async()
+            log.info("retry tiers: %d successes learnt from the attempt log", n)
         for tp in assigned:
             self.paused.pop(tp, None)
             self.held_back.discard(tp)
