@@ -247,7 +247,9 @@ def test_two_copies_of_one_delivery_at_once_make_one_request() -> None:
             await asyncio.sleep(0.1)
             return Attempt(number=1, at=_time.time(), outcome="success", status=200, latency_ms=100.0)
 
-    ep = SimpleNamespace(id="ep_1", enabled=True)
+    from app.endpoints import Endpoint
+
+    ep = Endpoint(id="ep_1", url="http://127.0.0.1:9/x", events=("lead.*",), mode="async", secret="s" * 32)
     registry = SimpleNamespace(get=lambda _id: ep)
     outbox = SimpleNamespace(send_untracked=lambda *_: None)
     fields = dict(
