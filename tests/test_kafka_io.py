@@ -188,3 +188,51 @@ def test_a_valid_record_whose_handling_raises_is_tried_three_times_then_parked(s
         asyncio.run(go())
     finally:
         probe.close()
+
+
+def test_outbox_recreates_its_producer_after_a_fatal_error_then_gives_up(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#11 item 6. librdkafka raises a fatal error (an idempotent producer's lost sequence, a fenced
+    id) only in states a healthy broker does not reach on demand, and Python has no hook to inject
+    one; so the error callback is handed the error librdkafka would pass it. Everything else is
+    real: the producers and the broker they write to."""
+    from confluent_kafka import KafkaError
+
+    from app import health
+
+    apply(settings)
+    fatal = KafkaError(KafkaError._FATAL, "OUT_OF_ORDER_SEQUENCE_NUMBER (as librdkafka reports it)", fatal=True)
+    probe = health.Health()  # the process's record, fresh for this test
+    monkeypatch.setattr("app.outbox.HEALTH", probe)
+
+    async def go() -> None:
+        outbox = Outbox(settings)
+        await outbox.start()
+        try:
+            before = await outbox.publish("webhooks.attempts", "ep_f", b"{}")
+            first = outbox._producer
+            # A record in flight when the producer fails is sent again through the new one.
+            in_flight = asyncio.ensure_future(outbox.publish("webhooks.attempts", "ep_f", {"n": 1}))
+            outbox._on_error(fatal, first)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert outbox.recreations == 1 and outbox._producer is not first
+            assert await asyncio.wait_for(in_flight, 30) > before
+            assert await outbox.publish("webhooks.attempts", "ep_f", b"{}") > before  # the new one writes
+            assert probe.ok
+            # A stale report from the replaced producer does not replace the new one again.
+            outbox._on_error(fatal, first)
+            await asyncio.sleep(0.05)
+            assert outbox.recreations == 1
+            # Fatal again and again within the window: recreating does not help; the worker's health
+            # fails (its /ready turns 503 and it exits 70: tests/test_codecs.py covers that path).
+            for _ in range(3):
+                outbox._on_error(fatal, outbox._producer)
+                await asyncio.sleep(0.05)
+            assert outbox.recreations == 3
+            assert not probe.ok and (probe.failure or "").startswith("producer: fatal errors 4 times")
+        finally:
+            await outbox.stop()
+
+    asyncio.run(go())
