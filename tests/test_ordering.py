@@ -107,7 +107,14 @@ def test_one_resource_waits_for_its_failing_delivery_across_retries_and_a_rebala
     _wait_delivered(receiver, "/other", a, [1, 2, 3, 4], "the other endpoint gets A in order")
     # A's later deliveries are held behind A1: in Kafka, counted.
     eventually(lambda: total("webhooks_ordering_held_total", endpoint=ordered.id) >= 3, what="A2..A4 held")
-    (owner,) = [w for w in both if metric(w.metrics(), "webhooks_ordering_blocked_sequences") == 1]
+    # The block's owner: polled, as a rebalance (the second worker joining) may be moving it.
+    (owner,) = eventually(
+        lambda: (o := [w for w in both if metric(w.metrics(), "webhooks_ordering_blocked_sequences") == 1])
+        and len(o) == 1
+        and o,
+        30,
+        "one worker holding A's block",
+    )
     (heir,) = [w for w in both if w is not owner]
 
     # A rebalance while A is held: the worker that owns A's sequence leaves, the other takes it over.

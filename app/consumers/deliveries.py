@@ -91,6 +91,10 @@ class DeliveryAgent(RecordConsumer[int]):
             },
             logger=logging.getLogger("perfex_webhooks.librdkafka"),
         )
+        # Counted here, not in a rebalance callback: a client call that releases the GIL inside a
+        # callback (list_topics) clears confluent-kafka's per-thread call state, and the next
+        # callback of the same poll then aborts the process (CallState_get: assertion cs != NULL).
+        self._partitions = await asyncio.to_thread(self._count_partitions, self._consumer)
         self._consumer.subscribe(
             [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -218,16 +222,21 @@ class DeliveryAgent(RecordConsumer[int]):
         self.ordering.forget(list(revoked))
         log.info("delivery agent revoked %s", sorted(revoked))
 
+    def _count_partitions(self, consumer: Consumer) -> int:
+        try:
+            return len(consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions)
+        except Exception as exc:  # the declared count then (topics.yaml): a share, not a guarantee
+            from app.topics import load_specs
+
+            declared = next(s.partitions for s in load_specs() if self.settings.topic(s.name) == self.topic)
+            log.warning("delivery agent: partitions of %s unknown (%s); assuming %d", self.topic, exc, declared)
+            return declared
+
     def _share(self, consumer: Consumer) -> None:
         """This worker's share of every endpoint's max_rate: the fraction of this topic's partitions
-        it owns (app/throttle.py explains the approximation)."""
-        if not self._partitions:
-            try:
-                self._partitions = len(consumer.list_topics(self.topic, timeout=5).topics[self.topic].partitions)
-            except Exception as exc:  # asked again at the next rebalance
-                log.warning("delivery agent: partitions of %s unknown (%s)", self.topic, exc)
-                return
-        self.dispatcher.throttle.set_share(len(self.book.partitions), self._partitions)
+        it owns (app/throttle.py explains the approximation). Called from rebalance callbacks: no
+        client call here (see start)."""
+        self.dispatcher.throttle.set_share(len(self.book.partitions), max(1, self._partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Already someone else's: committing now would be refused; their owner re-delivers.
