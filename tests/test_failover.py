@@ -60,7 +60,10 @@ def test_killing_the_active_controller_mid_flow_loses_nothing_and_duplicates_lit
         }
     )
     apply(settings)
-    md = admin_client(settings).list_topics(timeout=10)
+    admin = admin_client(settings)
+    names = {settings.topic(s.name) for s in load_specs()}
+    # Each broker applies the creation to its own metadata in its own time: ask until one knows all.
+    md = eventually(lambda: (m := admin.list_topics(timeout=10)).topics.keys() >= names and m, 60, "metadata")
     for s in load_specs():
         assert {len(p.replicas) for p in md.topics[settings.topic(s.name)].partitions.values()} == {3}, s.name
         # Metadata names a leader before that broker serves the partition (it applies the topic's
