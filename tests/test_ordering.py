@@ -74,9 +74,10 @@ def _wait_delivered(
     strict=False,
     reason=(
         "known bug, issue #18 left open: in 1 of 2 CI dry runs (2026-11-27) the failing head's "
-        "retries stopped after 2 attempts while the second worker joined and left (its retry-tier "
-        "consumer missed a generation while its event loop was blocked 6.5 s), so the release never "
-        "came; passes in other runs. Kept running so it is seen every time; fix, then drop this mark"
+        "retries stopped after 2 attempts while the second worker joined and left (the first "
+        "worker's retry-tier consumer logged no rejoin for the second generation), so the release "
+        "never came; passes in other runs. Kept running so it is seen every time; fix, then drop this "
+        "mark"
     ),
 )
 def test_one_resource_waits_for_its_failing_delivery_across_retries_and_a_rebalance(
