@@ -193,15 +193,19 @@ def standard_key(secret: str) -> bytes:
     bytes, whole string, become the key. That keeps operator-supplied secrets usable; receivers of
     such a secret must apply the same rule.
     """
-    if secret.startswith(SECRET_PREFIX):
-        rest = secret[len(SECRET_PREFIX) :]
-        try:
-            key = base64.b64decode(rest + "=" * (-len(rest) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            key = b""
-        if key:
-            return key
-    return secret.encode("utf-8")
+    return whsec_key(secret) or secret.encode("utf-8")
+
+
+def whsec_key(secret: str) -> bytes:
+    """The bytes base64-encoded after ``whsec_`` (padding optional); b"" without the prefix or when
+    the rest is not base64."""
+    if not secret.startswith(SECRET_PREFIX):
+        return b""
+    rest = secret[len(SECRET_PREFIX) :]
+    try:
+        return base64.b64decode(rest + "=" * (-len(rest) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def standard_signature(msg_id: str, timestamp: int, body: bytes, secret: str) -> str:

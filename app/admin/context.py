@@ -12,7 +12,7 @@ from app import route
 from app.admin.http import ApiError
 from app.attempt_log import AttemptLog
 from app.config import Settings
-from app.endpoints import Endpoint, StaleWrite
+from app.endpoints import Endpoint, StaleWrite, update_endpoint
 from app.outbox import PublishError
 
 log = logging.getLogger("app.admin")
@@ -128,6 +128,17 @@ class AdminContext:
 
         view = getattr(self.dlq, "data", None) or {}
         return Counter(e.endpoint_id for e in list(view.values()) if e.replayable and e.endpoint_id)
+
+    async def change(self, ep: Endpoint, changes: dict[str, Any]) -> Endpoint:
+        """Apply `changes` to `ep` (validated: 400 naming the field) and store it; both APIs'
+        updates. Call under `write_lock`, with `ep` read fresh."""
+        try:
+            new = await asyncio.to_thread(update_endpoint, self.settings, ep, changes)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+        if changes.get("enabled") is False:
+            new = new.changed(disabled_reason="disabled by operator")
+        return await self.store(new.id, new) or new
 
     async def store(self, ep_id: str, ep: Endpoint | None) -> Endpoint | None:
         """Write `ep` (None: delete) and read it back: 409 if a write based on the same version

@@ -18,7 +18,7 @@ from app.admin.context import AdminContext, log
 from app.admin.http import ApiError, bool_query, check_fields, grace_seconds, json_response, read_json
 from app.catalog import load_catalog, matches
 from app.delivery import Delivery, new_delivery_id
-from app.endpoints import Endpoint, StaleWrite, check_version, create_endpoint, rotate_secret, update_endpoint
+from app.endpoints import Endpoint, StaleWrite, check_version, create_endpoint, rotate_secret
 from app.events import now_rfc3339
 
 
@@ -203,14 +203,7 @@ class EndpointRoutes:
 
     async def _change(self, request: web.Request, changes: dict[str, Any]) -> web.Response:
         async with self.ctx.write_lock:
-            ep = await self._current(request)
-            try:
-                new = await asyncio.to_thread(update_endpoint, self.ctx.settings, ep, changes)
-            except ValueError as exc:
-                raise ApiError(400, str(exc)) from exc
-            if changes.get("enabled") is False:
-                new = new.changed(disabled_reason="disabled by operator")
-            new = await self.ctx.store(new.id, new) or new
+            new = await self.ctx.change(await self._current(request), changes)
         return json_response(self.ctx.endpoint_view(new))
 
     async def delete(self, request: web.Request) -> web.Response:

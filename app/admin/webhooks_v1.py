@@ -20,7 +20,7 @@ from aiohttp import web
 
 from app.admin.context import AdminContext
 from app.admin.http import ApiError, int_query, json_response, read_json
-from app.endpoints import Endpoint, create_endpoint, update_endpoint
+from app.endpoints import Endpoint, create_endpoint
 
 PREFIX = "/v1/webhooks"
 
@@ -165,14 +165,7 @@ class WebhooksV1Routes:
             )
         async with self.ctx.write_lock:
             await self.ctx.registry_fresh()
-            ep = self.ctx.endpoint(request.match_info["id"])
-            try:
-                new = await asyncio.to_thread(update_endpoint, self.ctx.settings, ep, changes)
-            except ValueError as exc:
-                raise ApiError(400, str(exc)) from exc
-            if changes.get("enabled") is False:
-                new = new.changed(disabled_reason="disabled by operator")
-            await self.ctx.store(new.id, new)
+            new = await self.ctx.change(self.ctx.endpoint(request.match_info["id"]), changes)
         return json_response({"data": view(new)})
 
     async def delete(self, request: web.Request) -> web.Response:
