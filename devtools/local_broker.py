@@ -281,10 +281,14 @@ class LocalBroker:
                 raise BrokerError(f"Kafka exited with {self.proc.returncode}; see {self.log_file}")
             try:
                 md = admin.list_topics(timeout=2)
-                if md.brokers:
-                    return
             except Exception as exc:  # not up yet
                 last = exc
+            else:
+                if md.brokers:
+                    # An idempotent producer's first request fails ("load in progress") until the
+                    # broker has its block of producer ids: wait for it here, not in every caller.
+                    asyncio.run(_producer_ids_ready(self.bootstrap, max(1.0, deadline - time.monotonic())))
+                    return
             time.sleep(0.2)
         raise BrokerError(f"Kafka did not answer within {timeout:.0f}s ({last}); see {self.log_file}")
 

@@ -71,10 +71,22 @@ def settings(kafka: BrokerHandle, prefix: str) -> Iterator[Settings]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A slow fault test gets SLOW_TIMEOUT instead of the suite's per-test timeout, so its own
-    deadlines (a broker restart, a SIGKILL and catch-up) fail with their message, not a timeout."""
+    deadlines (a broker restart, a SIGKILL and catch-up) fail with their message, not a timeout.
+
+    Modules run heaviest first (slow and container tests, then Kafka tests): `--dist loadfile` hands modules to
+    the test processes in this order, so the long ones start early and the quick ones fill the
+    gaps at the end instead of one long module finishing alone."""
+    weight: dict[str, int] = {}
     for item in items:
-        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+        module = item.nodeid.split("::")[0]
+        slow = item.get_closest_marker("slow") is not None
+        if slow and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+        heavy = slow or item.get_closest_marker("containers") is not None
+        kafka = item.get_closest_marker("kafka") is not None
+        weight[module] = weight.get(module, 0) + 10 * heavy + kafka
+    # Stable: equal weights keep their collection order (every process computes the same order).
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -471,8 +471,8 @@ def test_every_api_route_needs_the_token(stack) -> None:
         for headers in bad_auth:
             r = httpx.request(method, url, headers=headers, json=body, timeout=10)
             assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
-            assert r.headers.get("WWW-Authenticate", "").startswith("Bearer")
-            assert ep["id"] not in r.text  # nothing of the resource in the refusal
+            assert r.headers.get("WWW-Authenticate", "").startswith("Bearer") and r.json()["error"]
+            assert ep["id"] not in r.text and TOKEN not in r.text  # nothing of the resource in the refusal
     assert httpx.get(w.base + "/api/no-such-route", timeout=10).status_code == 401
     # And nothing happened: the endpoint is still there, enabled, with the secret it had.
     now = read_endpoints(stack.settings)[ep["id"]]
