@@ -7,7 +7,7 @@ producer to the same topics the CLI writes, and are applied to this worker's vie
 response (read-your-writes); other workers see them within about a second.
 
 One module per concern: `http` (responses, input checks), `context` (shared state, Kafka writes),
-`auth` (token, middleware), `endpoints`, `attempts`, `dlq`, `ingest`, `page`, and `webhooks_v1` (the
+`auth` (token, middleware, whoami), `endpoints`, `attempts`, `dlq`, `ingest`, `page`, and `webhooks_v1` (the
 PerfexAPI-shaped `/api/v1/webhooks` the n8n PerfexCRM Trigger node calls).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from app.admin.attempts import AttemptRoutes
-from app.admin.auth import middleware
+from app.admin.auth import WhoamiRoutes, middleware
 from app.admin.context import AdminContext, log
 from app.admin.dlq import DlqRoutes
 from app.admin.endpoints import EndpointRoutes
@@ -35,7 +35,7 @@ API_KEY = web.AppKey("admin_api", web.Application)
 
 def api_routes(ctx: AdminContext) -> list[tuple[str, str, Any]]:
     """Every /api route (relative to /api); docs/openapi.yaml describes exactly these."""
-    groups = (EndpointRoutes, AttemptRoutes, DlqRoutes, IngestRoutes, WebhooksV1Routes)
+    groups = (EndpointRoutes, AttemptRoutes, DlqRoutes, IngestRoutes, WebhooksV1Routes, WhoamiRoutes)
     return [route for group in groups for route in group(ctx).routes()]
 
 

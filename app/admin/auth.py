@@ -6,6 +6,8 @@ Three scoped tokens (docs/admin.md): `WEBHOOKS_ADMIN_TOKEN` may do everything, t
 comes as `Authorization: Bearer <token>` or `X-API-KEY: <token>` (the n8n node's header). An unknown
 token gets 401, a known one without the right 403. Every configured token is compared, in constant
 time, whatever the first match: the answer's timing says nothing about which token is close.
+`GET /api/whoami` tells any known token its own scope (the page hides write controls from a read
+token).
 
 Insecure mode (no token, local development) is open to this machine only, so it guards against
 the browser: writes must be `application/json` (a cross-site form or `text/plain` POST gets 415),
@@ -20,12 +22,13 @@ import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from app.admin.context import AdminContext, log
-from app.admin.http import ApiError, error_response
+from app.admin.http import ApiError, error_response, json_response
 from app.config import Settings, is_loopback_host
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -33,6 +36,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN, READ, INGEST = "admin", "read", "ingest"
 READ_METHODS = frozenset({"GET", "HEAD"})
 INGEST_ROUTE = ("POST", "/api/events")
+WHOAMI_ROUTE = ("GET", "/api/whoami")  # any known token may ask its own scope
+SCOPE_KEY = web.RequestKey("scope", str)  # the caller's scope, set by `authorise`
 
 
 def given_token(request: web.Request) -> str | None:
@@ -128,9 +133,10 @@ def check_local_request(settings: Settings, request: web.Request) -> None:
 
 
 def authorise(ctx: AdminContext, limits: Limits, request: web.Request) -> None:
+    scope: str | None
     if ctx.insecure:
         check_local_request(ctx.settings, request)
-        scope: str | None = ADMIN
+        scope = ADMIN
     else:
         scope = token_scope(ctx.settings, given_token(request))
         if scope is None:
@@ -138,10 +144,24 @@ def authorise(ctx: AdminContext, limits: Limits, request: web.Request) -> None:
                 401, "missing or wrong token (Authorization: Bearer <token>, or X-API-KEY: <token>)"
             )
         needed = needed_scope(request)
-        if not allowed(scope, needed):
+        if not allowed(scope, needed) and (request.method, request.path.rstrip("/")) != WHOAMI_ROUTE:
             raise ApiError(403, f"the {scope} token may not call {request.method} {request.path[:100]}")
+    request[SCOPE_KEY] = scope
     if (request.method, request.path.rstrip("/")) == INGEST_ROUTE:
-        limits.check(scope or ADMIN)
+        limits.check(scope)
+
+
+class WhoamiRoutes:
+    """`GET /api/whoami`: the caller's scope, so the page shows write controls to admins only."""
+
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [("GET", "/whoami", self.whoami)]
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        return json_response({"scope": request[SCOPE_KEY], "insecure": self.ctx.insecure})
 
 
 def middleware(ctx: AdminContext) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
