@@ -3,7 +3,8 @@
 Units first (the filter language, the throttle's schedule, the jitter's bounds and Retry-After's
 exactness), then one worker per module against the real broker and receivers: filters through the
 API and the CLI (an erroring filter affects its endpoint only), and a throttled endpoint beside an
-unthrottled one on the same events.
+unthrottled one on the same events. Last, a second worker joins the module's worker: together they
+keep a throttled endpoint to its max_rate (each by its share of the partitions).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def test_retry_after_is_honoured_exactly_without_jitter() -> None:
 
 
 # ---- against a worker ------------------------------------------------------------------------------
+WORKER_ENV = {"WEBHOOKS_RETRY_SCHEDULE": "300ms,300ms"}
+
+
 @pytest.fixture(scope="module")
 def env(kafka: Any) -> Iterator[SimpleNamespace]:
     """One worker (short 300 ms tiers: throttled deliveries wait out their slot in rounds of it) and
@@ -158,7 +162,7 @@ def env(kafka: Any) -> Iterator[SimpleNamespace]:
     )
     apply(settings)
     receiver = Receiver().start()
-    worker = WorkerProcess(settings, name="controls", WEBHOOKS_RETRY_SCHEDULE="300ms,300ms")
+    worker = WorkerProcess(settings, name="controls", **WORKER_ENV)
     try:
         worker.start()
         yield SimpleNamespace(settings=settings, receiver=receiver, worker=worker)
@@ -288,3 +292,59 @@ def test_a_throttled_endpoint_gets_every_delivery_at_its_rate_and_does_not_slow_
     assert metric(w.metrics(), "webhooks_deliveries_throttled_total", endpoint=slow["id"]) >= n // 2
     assert "webhooks_deliveries_throttled_total" in w.metrics()
     assert orjson.loads(w.api("GET", f"/api/endpoints/{slow['id']}").content)["max_rate"] == 5
+
+
+@pytest.fixture(scope="module")
+def second(env: SimpleNamespace) -> Iterator[WorkerProcess]:
+    """A second worker in the module worker's groups, for the last test only (it rebalances the
+    partitions, which the single-worker tests above must not see)."""
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    w2 = WorkerProcess(env.settings, name="controls-2", **WORKER_ENV)
+    try:
+        w2.start()
+        # Both own partitions of webhooks.deliveries (so each takes its share of a max_rate).
+        admin = AdminClient({"bootstrap.servers": env.settings.bootstrap_servers})
+        group = f"{env.settings.group_id}.deliveries"
+
+        def split() -> bool:
+            desc = admin.describe_consumer_groups([group])[group].result(10)
+            owned = [len(m.assignment.topic_partitions) for m in desc.members]
+            return desc.state == ConsumerGroupState.STABLE and len(owned) == 2 and min(owned) > 0
+
+        eventually(split, 90, "the deliveries' partitions split over two workers")
+        yield w2
+    finally:
+        w2.stop(timeout=5)
+
+
+@pytest.mark.kafka
+def test_two_workers_together_keep_a_throttled_endpoint_to_its_max_rate(
+    env: SimpleNamespace, second: WorkerProcess
+) -> None:
+    """The documented approximation (app/throttle.py): each worker spaces the endpoint's deliveries
+    by 1 / (max_rate x its share of the partitions), and the first of each goes at once. So N
+    deliveries at max_rate r take at least (N - workers) / r overall, whatever the split of the
+    resources; were each worker to take the whole rate, they would take half that."""
+    workers, rcv = (env.worker, second), env.receiver
+    n, rate = 24, 6.0
+    ep = create(env, "/pair", "estimate.*", max_rate=f"{rate:g}/s")
+    eventually(lambda: all(w.api("GET", f"/api/endpoints/{ep['id']}").json().get("max_rate") == rate for w in workers))
+    with Producer(env.settings) as p:
+        for i in range(n):
+            p.emit("estimate.updated", f"pair{i}", {"id": str(i)}, flush=False)
+    got = rcv.wait_for(n, "/pair", timeout=90)
+    settle(env.worker, accounted=lambda: len(rcv.received("/pair")) >= n)
+    got = rcv.received("/pair")
+    ids = [x.header("X-PerfexAPI-Delivery") for x in got]
+    assert len(got) == n and len(set(ids)) == n  # none lost, none twice
+    assert sorted(int(x.json["payload"]["id"]) for x in got) == list(range(n))
+    span = got[-1].at - got[0].at
+    floor = (n - len(workers)) / rate
+    assert span >= floor * 0.9, f"{n} deliveries in {span:.2f}s: faster than {rate:g}/s over two workers"
+    # Both workers delivered to it and both held some back: the shares, not one worker, did this.
+    for w in workers:
+        text = w.metrics()
+        assert metric(text, "webhooks_deliveries_total", endpoint=ep["id"], outcome="success") > 0
+        assert metric(text, "webhooks_deliveries_throttled_total", endpoint=ep["id"]) > 0

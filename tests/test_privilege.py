@@ -183,6 +183,10 @@ def test_ingest_token_may_only_post_events_and_read_token_only_read(stack) -> No
     for path in ("/api/endpoints", f"/api/endpoints/{ep_id}", "/api/dlq", "/api/attempts", "/api/catalog"):
         assert call(w, "GET", path, INGEST).status_code == 403, path
         assert call(w, "GET", path, READ).status_code == 200, path
+    # Any known token may ask its own scope (the page shows write controls to admin only).
+    for token, scope in ((TOKEN, "admin"), (READ, "read"), (INGEST, "ingest")):
+        assert call(w, "GET", "/api/whoami", token).json() == {"scope": scope, "insecure": False}
+    assert call(w, "GET", "/api/whoami", "x" * 40).status_code == 401
     for token in ("x" * 40, INGEST + "x", READ[:-1], ""):
         r = call(w, "GET", "/api/endpoints", token or None)
         assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
