@@ -8,6 +8,11 @@ measured from the worker's own count, so each panel's value is asserted within a
 own variables are replaced the way Grafana would ($__rate_interval = 4 x scrape interval, rounded
 up); `$endpoint` is replaced by every value its label_values() query returns. The `or ... * 0`
 branches (0 instead of "no data" for an endpoint that never succeeded) are checked on their own.
+
+The endpoint controls' panels (breakers, auto-disable, throttling, filters, ordering, duplicates,
+poison) are checked the same way with a load of their own, on a worker whose breaker is on (the
+main load's always-failing endpoint needs it off). Every metric app/metrics.py exports has a panel,
+and every metric a panel names is exported.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app import metrics as app_metrics
 from app.config import Settings
 from app.dlq import read_view
 from app.producer import Producer
@@ -363,6 +369,28 @@ def test_dashboards_exist() -> None:
         assert list(queries(json.loads(path.read_text()))), f"{path.name} has no queries"
 
 
+def exported_series() -> set[str]:
+    """The series names a worker exports (app/metrics.py): counters as `_total`, histograms by
+    their buckets (what rate() and histogram_quantile() read)."""
+    suffix = {"counter": "_total", "histogram": "_bucket", "gauge": ""}
+    return {f.name + suffix[f.type] for f in app_metrics.REGISTRY.collect()}
+
+
+def test_every_metric_has_a_panel_and_every_panel_an_exported_metric() -> None:
+    exprs = [expr for path in DASHBOARDS for _, _, expr in queries(json.loads(path.read_text()))]
+    named = {m for expr in exprs for m in re.findall(r"\bwebhooks_\w+", expr)}
+    exported = exported_series()
+    assert exported - named == set(), "metrics without a Grafana panel (add one, checked below)"
+    assert named - exported == set(), "panels name metrics no worker exports"
+    # A counter is only ever shown through rate() or increase(), a gauge never through them.
+    for expr in exprs:
+        for m in re.findall(r"\bwebhooks_\w+", expr):
+            if m.endswith(("_total", "_bucket")):
+                assert re.search(rf"(rate|increase)\({m}\b", expr), f"{m} without rate()/increase(): {expr}"
+            else:
+                assert not re.search(rf"(rate|increase)\({m}\b", expr), f"gauge {m} in rate(): {expr}"
+
+
 def test_every_panel_shows_the_value_the_load_implies(
     prometheus_bin: str, settings: Settings, receiver: Receiver, workers, tmp_path: Path
 ) -> None:
@@ -425,7 +453,8 @@ def test_every_panel_shows_the_value_the_load_implies(
         window = math.ceil(at - t0) + 1  # holds all of phase B, and nothing of the warm-up
         grafana = {**GRAFANA_VARS, "__rate_interval": f"{window}s", "__range": f"{window}s"}
         problems: list[str] = []
-        problems += check_dashboard(prom, overview_path, lambda b: overview(window), at, grafana, set(HELD_GAUGES))
+        skip = set(HELD_GAUGES) | {key for key in panel_keys(overview_path) if key[0] in CONTROL_PANELS}
+        problems += check_dashboard(prom, overview_path, lambda b: overview(window), at, grafana, skip)
         endpoint_path = ROOT / "grafana" / "dashboards" / "perfex-webhooks-endpoint.json"
         assert set(variable_values(prom, dashboards[endpoint_path.name])["endpoint"]) == set(roles)
         problems += check_dashboard(
@@ -477,3 +506,170 @@ def tick(p: Producer, tag: str) -> None:
     p.emit("lead.created", f"lead{tag}", {"id": f"lead{tag}"}, flush=False)
     p.emit("customer.updated", f"cus{tag}", {"id": f"cus{tag}"}, flush=False)
     p.send("crm.events", f"invoice:bad{tag}", b"{not json")
+
+
+# ---- the endpoint controls' panels ------------------------------------------------------------------
+# Endpoints: flt "lead.*" with a filter on payload.status, err "lead.*" with a filter that errors on
+# an object total, thr "estimate.*" at THR_RATE/s, ord "invoice.*" ordered per resource (its
+# receiver answers a head's first attempt 503 with a Retry-After), brk "contract.*" (always 500).
+# One controls tick: a lead only err gets (flt leaves it out), a lead only flt gets (err's filter
+# errors on it), THR_K estimates at once (all but the first over the rate), a resource's invoice
+# 1..3 (2 and 3 held behind 1, then released), one record on webhooks.deliveries that is no
+# delivery (poison). A warm-up tick creates the labelled series; phase C is one tick plus the
+# broken endpoint: its breaker opens after BREAKER_FAILURES failures, and a delivery held by it
+# after AUTO_DISABLE s of failing gets it auto-disabled.
+THR_RATE, THR_K = 4, 3
+BREAKER_FAILURES = 3
+AUTO_DISABLE = 1.0
+HEAD_WAIT = {"w": 1, "c": 3}  # Retry-After of the head's first attempt: phase C's is read while held
+CONTROL_PANELS = {
+    "Open circuit breakers",
+    "Circuit breaker state by endpoint",
+    "Endpoints auto-disabled (time range)",
+    "Ordering: blocked sequences",
+    "Deliveries throttled by endpoint",
+    "Deliveries filtered out by endpoint",
+    "Filter errors by endpoint",
+    "Ordering: held and released",
+    "Duplicates skipped",
+    "Poison records by topic",
+}
+
+
+def panel_keys(path: Path) -> set[tuple[str, str]]:
+    return {(title, ref) for title, ref, _ in queries(json.loads(path.read_text()))}
+
+
+def grew(delta: float, w: float) -> Want:
+    """A counter that grew by `delta` inside a window of `w` s, as increase() shows it: the span
+    sampled (at least w - 2 s with 1 s scrapes) extrapolated to the window."""
+    return (delta * 0.95, delta * w / (w - 2.5))
+
+
+def controls(eps: dict[str, str], w: float) -> dict[tuple[str, str], dict[str, Want]]:
+    def per_s(delta: float) -> Want:
+        lo, hi = grew(delta, w)
+        return (lo / w, hi / w)
+
+    return {
+        ("Open circuit breakers", "A"): {"": exactly(1)},
+        ("Circuit breaker state by endpoint", "A"): {f"endpoint={eps['brk']}": exactly(2)},
+        ("Endpoints auto-disabled (time range)", "A"): {"": grew(1, w)},
+        ("Ordering: blocked sequences", "A"): {"": exactly(0)},  # all released (1 while held: below)
+        # Each of the K - 1 reserves a slot; one that comes back long after its slot is judged again.
+        ("Deliveries throttled by endpoint", "A"): {
+            f"endpoint={eps['thr']}": (per_s(THR_K - 1)[0], per_s(2 * (THR_K - 1))[1])
+        },
+        ("Deliveries filtered out by endpoint", "A"): {f"endpoint={eps['flt']}": per_s(1)},
+        ("Filter errors by endpoint", "A"): {f"endpoint={eps['err']}": per_s(1)},
+        ("Ordering: held and released", "A"): {f"endpoint={eps['ord']}": per_s(2)},
+        ("Ordering: held and released", "B"): {"": per_s(2)},
+        ("Duplicates skipped", "A"): {"": exactly(0)},
+        ("Poison records by topic", "A"): {"sum": per_s(1), "*": per_s(1)},
+    }
+
+
+def controls_tick(p: Producer, tag: str) -> None:
+    p.emit("lead.created", f"l1{tag}", {"id": f"l1{tag}", "status": "1", "total": "5"}, flush=False)
+    p.emit("lead.created", f"l2{tag}", {"id": f"l2{tag}", "status": "2", "total": {"a": "1"}}, flush=False)
+    for k in range(THR_K):
+        p.emit("estimate.updated", f"e{k}{tag}", {"id": f"e{k}{tag}"}, flush=False)
+    for seq in (1, 2, 3):
+        p.emit("invoice.updated", f"head{tag}", {"id": f"head{tag}", "seq": seq}, flush=False)
+    p.send("webhooks.deliveries", f"poison{tag}", b"{not a delivery")
+
+
+def test_every_controls_panel_shows_the_value_its_load_implies(
+    prometheus_bin: str, settings: Settings, receiver: Receiver, workers, tmp_path: Path
+) -> None:
+    seen_heads: set[str] = set()
+
+    def head_first_attempt(_n: int, body: bytes) -> Reply:
+        payload = json.loads(body)["payload"]
+        rid = payload["id"]
+        if payload["seq"] == 1 and rid not in seen_heads:
+            seen_heads.add(rid)
+            return Reply(503, headers={"Retry-After": str(HEAD_WAIT[rid[len("head"):]])})
+        return Reply(200)
+
+    receiver.on_body("/ord", head_first_attempt)
+    receiver.on("/brk", lambda _n: Reply(500))
+    eps = {
+        "flt": register(settings, receiver, "/flt", "lead.*", "immediate", filter={"payload.status": "2"}),
+        "err": register(settings, receiver, "/err", "lead.*", "immediate", filter={"payload.total": {"$gt": 0}}),
+        "thr": register(settings, receiver, "/thr", "estimate.*", "immediate", max_rate=THR_RATE),
+        "ord": register(settings, receiver, "/ord", "invoice.*", "async", ordering="resource"),
+        "brk": register(settings, receiver, "/brk", "contract.*", "immediate"),
+    }
+    ids = {role: ep.id for role, ep in eps.items()}
+    w: WorkerProcess = workers(
+        WEBHOOKS_RETRY_SCHEDULE="300ms,300ms",
+        WEBHOOKS_BREAKER_FAILURES=str(BREAKER_FAILURES),
+        WEBHOOKS_BREAKER_FAILURE_RATE="0",
+        WEBHOOKS_BREAKER_COOLDOWN="300s",
+        WEBHOOKS_AUTO_DISABLE_AFTER=f"{AUTO_DISABLE:g}s",
+    )
+    prom = Prometheus(f"127.0.0.1:{w.port}", tmp_path)
+    path = ROOT / "grafana" / "dashboards" / "perfex-webhooks-overview.json"
+    expr = {(t, r): e for t, r, e in queries(json.loads(path.read_text()))}
+    try:
+        prom.wait_ready()
+
+        def scraped_after(t: float) -> bool:
+            doc = prom.query('timestamp(up{job="perfex-webhooks"} == 1)')
+            return bool(doc["data"]["result"]) and float(doc["data"]["result"][0]["value"][1]) > t
+
+        def released(n: int) -> Callable[[], bool]:
+            return lambda: metric(w.metrics(), "webhooks_ordering_released_total") == n
+
+        # Warm-up: every labelled series exists (and was scraped) before phase C.
+        with Producer(settings) as p:
+            controls_tick(p, "w")
+        settle(w, accounted=released(2))
+        t0 = time.time()
+        eventually(lambda: scraped_after(t0), 10, "a scrape before phase C")
+
+        # Phase C: one tick and the broken endpoint.
+        with Producer(settings) as p:
+            controls_tick(p, "c")
+            p.emit("contract.updated", "c1", {"id": "c1"})
+        # While the head waits out its Retry-After, its resource's sequence is blocked.
+        blocked = substitute(expr[("Ordering: blocked sequences", "A")], GRAFANA_VARS)
+        eventually(
+            lambda: not check_query(prom, "blocked", blocked, {"": exactly(1)}, time.time()),
+            HEAD_WAIT["c"] + 5,
+            "the blocked sequence on the panel",
+        )
+        # Failing for AUTO_DISABLE s with its breaker open: the next delivery it holds disables it.
+        brk = eventually(
+            lambda: (b := w.api("GET", f"/api/endpoints/{ids['brk']}/breaker").json())["state"] == "open" and b,
+            30,
+            "the broken endpoint's breaker open",
+        )
+        eventually(lambda: time.time() > brk["failing_since"] + AUTO_DISABLE + 0.2, 5, "failing long enough")
+        with Producer(settings) as p:
+            p.emit("contract.updated", "c2", {"id": "c2"})
+        settle(
+            w,
+            accounted=lambda: released(4)()
+            and metric(w.metrics(), "webhooks_endpoints_auto_disabled_total") == 1
+            and len(receiver.received("/thr")) == 2 * THR_K,
+        )
+        t1 = time.time()
+        eventually(lambda: scraped_after(t1), 10, "a scrape after phase C")
+        at = time.time()
+        window = math.ceil(at - t0) + 1
+        grafana = {**GRAFANA_VARS, "__rate_interval": f"{window}s", "__range": f"{window}s"}
+        skip = {key for key in panel_keys(path) if key[0] not in CONTROL_PANELS}
+        problems = check_dashboard(prom, path, lambda b: controls(ids, window), at, grafana, skip)
+        # What the load did, from the receivers: the counts the panels were checked against.
+        got = {role: [x.json["payload"]["id"] for x in receiver.received(f"/{role}")] for role in ("flt", "err")}
+        assert got == {"flt": ["l2w", "l2c"], "err": ["l1w", "l1c"]}, got
+        assert w.api("GET", f"/api/endpoints/{ids['brk']}").json()["enabled"] is False
+        if problems:
+            keep = OUTPUT / "prometheus-controls"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(tmp_path, keep, ignore=shutil.ignore_patterns("data"))
+        assert not problems, f"controls panels off (window {window}s):\n" + "\n".join(problems)
+    finally:
+        prom.stop()
