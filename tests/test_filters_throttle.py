@@ -328,7 +328,7 @@ def test_two_workers_together_keep_a_throttled_endpoint_to_its_max_rate(
     deliveries at max_rate r take at least (N - workers) / r overall, whatever the split of the
     resources; were each worker to take the whole rate, they would take half that."""
     workers, rcv = (env.worker, second), env.receiver
-    n, rate = 24, 6.0
+    n, rate = 16, 8.0
     ep = create(env, "/pair", "estimate.*", max_rate=f"{rate:g}/s")
     eventually(lambda: all(w.api("GET", f"/api/endpoints/{ep['id']}").json().get("max_rate") == rate for w in workers))
     with Producer(env.settings) as p:
