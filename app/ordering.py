@@ -88,6 +88,7 @@ async def release_after_tier(dispatcher: Dispatcher, d: Delivery, next_: route.N
     sequence, through the head's own `webhooks.deliveries` partition (same key)."""
     if d.ordered and isinstance(next_, (route.Done, route.Dead)):
         await dispatcher.outbox.publish(route.DELIVERIES, d.resource_key, marker(sequence(d), d.id))
+        log.debug("ordering: head %s of %s finished (%s): release marker sent", d.id, sequence(d), next_)
 
 
 @dataclass(slots=True)
@@ -97,6 +98,21 @@ class Block:
 
     def record(self) -> dict[str, Any]:
         return {"head": self.head, "first": self.first, "at": time.time()}
+
+    @classmethod
+    def decode(cls, value: bytes) -> Block:
+        """A stored block; ValueError for anything else (only this module writes the topic, but a
+        record that is not a block must be skipped, never crash a load or a release)."""
+        try:
+            doc = orjson.loads(value)
+            head, first = doc["head"], doc.get("first")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a block: {exc!r}") from None
+        if not isinstance(head, str) or not head or not (
+            first is None or (isinstance(first, int) and not isinstance(first, bool) and first >= 0)
+        ):
+            raise ValueError(f"not a block: head {head!r}, first {first!r}")
+        return cls(head, first)
 
 
 class Ordering:
@@ -150,16 +166,13 @@ class Ordering:
                 for tp, recs in batches.items():
                     for rec in recs:
                         seq = (rec.key or b"").decode("utf-8", "replace")
-                        try:
-                            doc = None if rec.value is None else orjson.loads(rec.value)
-                            block = None if doc is None else Block(str(doc["head"]), doc.get("first"))
-                        except (orjson.JSONDecodeError, KeyError, TypeError):
-                            log.error("ordering: %s@%d is not a block; ignored", tp, rec.offset)
-                            continue
-                        if block is None:
+                        if rec.value is None:  # a tombstone: released
                             found[tp.partition].pop(seq, None)
-                        else:
-                            found[tp.partition][seq] = block
+                            continue
+                        try:
+                            found[tp.partition][seq] = Block.decode(rec.value)
+                        except ValueError as exc:  # the sequence keeps its last valid block
+                            log.error("ordering: %s@%d (%s) is not a block; skipped: %s", tp, rec.offset, seq, exc)
                 for tp in list(todo):
                     if await c.position(tp) >= ends[tp]:
                         todo.discard(tp)
@@ -168,6 +181,9 @@ class Ordering:
         n = sum(len(v) for v in found.values())
         if n:
             log.info("ordering: %d blocked sequence(s) in partitions %s", n, sorted(partitions))
+            for p, blocks in found.items():
+                for seq, block in blocks.items():
+                    log.debug("ordering: %s blocked behind %s (partition %d)", seq, block.head, p)
 
     def forget(self, partitions: list[int]) -> None:
         for p in partitions:
@@ -194,7 +210,13 @@ class Ordering:
         async with self._lane(seq):
             block = self.blocked.get(partition, {}).get(seq)
             if block is None or block.head != head:
-                return  # a duplicate or stale marker: that head was released already
+                # A duplicate or stale marker: that head was released already. (Never one that
+                # overtook its head's block: the marker is read after the head's own record, in
+                # the same partition, and waits in the lane until that record is finished, i.e.
+                # until the block it caused is written.)
+                log.debug("ordering: marker for %s head %s ignored (block %s)", seq, head, block)
+                return
+            log.debug("ordering: %s released by head %s (partition %d)", seq, head, partition)
             await self._release(partition, seq, block)
 
     @contextlib.asynccontextmanager
@@ -217,12 +239,16 @@ class Ordering:
     async def _one(self, partition: int, d: Delivery) -> None:
         seq = sequence(d)
         blocks = self.blocked.get(partition)
-        if blocks is None:  # revoked or lost while this record waited: its next owner reads it again
-            await self._attempt(d)
+        if blocks is None:
+            # Revoked or lost while this record waited in its lane (a drain that timed out): it was
+            # not committed, so its next owner reads it again, with the sequence's block. Attempted
+            # here it could overtake its sequence's head.
+            log.debug("ordering: %s of %s left to the next owner of partition %d", d.id, seq, partition)
             return
         block = blocks.get(seq)
         if block is not None:
             if d.id == block.head:
+                log.debug("ordering: head %s of %s read again: in the tiers already", d.id, seq)
                 return  # the head read again (after a crash): it is in the tiers already
             await self._hold(partition, seq, block, d)
             return
@@ -252,6 +278,7 @@ class Ordering:
         changed it is finished, so its next owner reads it."""
         value = None if block is None else orjson.dumps(block.record())
         await self.outbox.publish(route.ORDERING, seq, value, partition=partition)
+        log.debug("ordering: %s %s (partition %d)", seq, "unblocked" if block is None else f"blocked by {block}", partition)
         self._gauge()
 
     # ---- release -----------------------------------------------------------------------------------
@@ -280,7 +307,7 @@ class Ordering:
             pos, n = offset + 1, n + 1
             metrics.ORDERING_RELEASED.inc()
             if d is None or (self.successes is not None and d.id in self.successes):
-                continue  # not a delivery (cannot be: only we write there), or a duplicate held twice
+                continue  # not a delivery (logged, skipped: only we write there), or held twice
             if not await self._attempt(d):
                 block.head, block.first = d.id, pos
                 await self._write(partition, seq, block)

@@ -4,6 +4,8 @@ One endpoint with `ordering: resource` fails resource A's first event until the 
 through; meanwhile A's later events are held (in Kafka), resource B's and another ordered
 endpoint's deliveries go on, a second worker joins and the first leaves (the held sequence changes
 owner), then the head is let through after its retries and everything of A arrives in event order.
+Records the workers did not write, in A's partitions of both ordering topics (not a block, not a
+delivery), are logged and skipped by the heir without stalling A.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Any
 
 import orjson
 import pytest
+from confluent_kafka import Producer as RawProducer
 
+from app import route
 from app.delivery import delivery_id_for
 from app.dlq import read_view
 from app.producer import Producer
-from tests.helpers import cli_json, eventually, metric, register, settle
+from tests.helpers import cli_json, eventually, metric, read_to_end, register, settle
 from tests.receiver import Receiver, Reply
 
 pytestmark = pytest.mark.kafka
@@ -70,16 +74,24 @@ def _wait_delivered(
         raise AssertionError(f"{exc}; requests on {path} for {rid}: {_seqs(receiver, path, rid)}") from None
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known bug, issue #18 left open: in 1 of 2 CI dry runs (2026-11-27) the failing head's "
-        "retries stopped after 2 attempts while the second worker joined and left (the first "
-        "worker's retry-tier consumer logged no rejoin for the second generation), so the release "
-        "never came; passes in other runs. Kept running so it is seen every time; fix, then drop this "
-        "mark"
-    ),
-)
+def _bad_records_in_the_ordering_topics(settings, endpoint_id: str, rid: str) -> None:
+    """Behind A's block in `webhooks.ordering` two records that are not blocks, and behind A's held
+    deliveries one that is not a delivery, all keyed by A's sequence in A's partition."""
+    (blocked,) = [
+        m
+        for m in read_to_end(settings, route.ORDERING)
+        if m.value() and m.key().decode().startswith(endpoint_id + "|") and m.key().decode().endswith(rid)
+    ][-1:]
+    p = RawProducer({"bootstrap.servers": settings.bootstrap_servers})
+    for topic, value in (
+        (route.ORDERING, b"not a block {"),
+        (route.ORDERING, b'{"head": 7, "first": "x"}'),
+        (route.HELD, b"\xff not a delivery"),
+    ):
+        p.produce(settings.topic(topic), value, blocked.key(), partition=blocked.partition())
+    assert p.flush(20) == 0
+
+
 def test_one_resource_waits_for_its_failing_delivery_across_retries_and_a_rebalance(
     settings, receiver, workers
 ) -> None:
@@ -126,6 +138,7 @@ def test_one_resource_waits_for_its_failing_delivery_across_retries_and_a_rebala
         "one worker holding A's block",
     )
     (heir,) = [w for w in both if w is not owner]
+    _bad_records_in_the_ordering_topics(settings, ordered.id, a)
 
     # A rebalance while A is held: the worker that owns A's sequence leaves, the other takes it over.
     owner.stop()
@@ -160,6 +173,10 @@ def test_one_resource_waits_for_its_failing_delivery_across_retries_and_a_rebala
             assert ids == {delivery_id_for(ev["id"], ordered.id, "async")}, (rid, ev["id"], ids)
     assert metric(heir.metrics(), "webhooks_ordering_released_total") >= 4
     assert read_view(settings) == {}
+    # The bad records were met (when the heir loaded A's block, and in A's release), logged, skipped.
+    log = heir.log_path.read_text(errors="replace")
+    assert log.count("is not a block; skipped") == 2 and log.count("is not a delivery") == 1, heir.log_path
+    assert heir.proc is not None and heir.proc.poll() is None
 
     # The admin API shows and changes the setting (both APIs).
     r = heir.api("GET", f"/api/endpoints/{ordered.id}")

@@ -81,13 +81,20 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
         self.book.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        if assigned:  # they may come from a worker that died: learn what it had delivered
-            n = await self.dispatcher.successes.catch_up_async()
-            log.info("retry tiers: %d successes learnt from the attempt log", n)
+        # Before the first await: aiokafka makes the new assignment fetchable before it calls this,
+        # so `getmany` may return its records while the catch-up below runs. Each must find its
+        # partition's book (or it is skipped, and a later commit passes it), and a pause made for a
+        # record not yet due must not be cleared after the fact (the partition would stay paused
+        # until the next rebalance): both lost an ordered head's retry (issue 18).
         for tp in assigned:
             self.paused.pop(tp, None)
             self.held_back.discard(tp)
         self.book.assign(assigned)
+        if assigned:  # they may come from a worker that died: learn what it had delivered
+            # `catching_up` is set at this call, before any record of theirs is dispatched: a
+            # dispatch waits for the catch-up (`Dispatcher.dispatch`).
+            n = await self.dispatcher.successes.catch_up_async()
+            log.info("retry tiers: %d successes learnt from the attempt log", n)
 
     async def _drain(self, tps: set[TopicPartition], timeout: float) -> None:
         """Let in-flight records of these partitions finish, then commit what is finished."""
@@ -126,17 +133,7 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
                 batches = await c.getmany(timeout_ms=max(10, int(wait * 1000)), max_records=500)
                 now = time.time()
                 for tp, records in batches.items():
-                    if tp in self.paused:
-                        continue
-                    delay = self.delays[tp.topic]
-                    for rec in records:
-                        due = route.due_of(rec.headers, rec.timestamp / 1000.0, delay)
-                        if due > now:
-                            c.seek(tp, rec.offset)
-                            c.pause(tp)
-                            self.paused[tp] = due
-                            break
-                        self.take(tp, rec.offset, rec.key, rec.value)
+                    self._read(tp, records, now)
                 await self._commit()
                 self._update_lag()
             except asyncio.CancelledError:
@@ -148,11 +145,39 @@ class RetryTiers(RecordConsumer[TopicPartition], ConsumerRebalanceListener):
                 log.exception("retry tiers loop; continuing")
                 await asyncio.sleep(1)
 
+    def _read(self, tp: TopicPartition, records: list[Any], now: float) -> None:
+        """Take a partition's fetched records up to the first one not due. Every record returned is
+        either taken or sought back to: the fetch position has passed it, and a commit of a later
+        record would pass it too, so a record merely skipped would be lost (issue 18)."""
+        assert self.consumer is not None
+        c = self.consumer
+        if tp in self.paused:  # paused here but not in aiokafka (cannot be): again when it is due
+            log.warning("retry tiers: %s returned while paused; read again from offset %d", tp, records[0].offset)
+            c.seek(tp, records[0].offset)
+            c.pause(tp)
+            return
+        delay = self.delays[tp.topic]
+        for rec in records:
+            due = route.due_of(rec.headers, rec.timestamp / 1000.0, delay)
+            if due > now:
+                c.seek(tp, rec.offset)
+                c.pause(tp)
+                self.paused[tp] = due
+                log.debug("retry tiers: %s paused at offset %d, due in %.1f s", tp, rec.offset, due - now)
+                return
+            if not self.take(tp, rec.offset, rec.key, rec.value):
+                # Assigned to aiokafka, not (yet, or any more) to the book: read it again later.
+                log.warning("retry tiers: %s offset %d fetched outside its assignment; read again", tp, rec.offset)
+                c.seek(tp, rec.offset)
+                return
+
     def where(self, partition: TopicPartition) -> tuple[str, int]:
         return partition.topic, partition.partition
 
     async def deliver(self, partition: TopicPartition, delivery: Delivery) -> None:
         next_ = await self.dispatcher.dispatch(delivery, tier=self.index[partition.topic])
+        if delivery.ordered:  # a sequence's head: its path through the tiers, for a stalled sequence
+            log.debug("retry tiers: ordered head %s from %s: %s", delivery.id, partition, next_)
         await release_after_tier(self.dispatcher, delivery, next_)
 
     def _update_lag(self) -> None:
