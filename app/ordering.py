@@ -250,14 +250,21 @@ class Ordering:
             if d.id == block.head:
                 log.debug("ordering: head %s of %s read again: in the tiers already", d.id, seq)
                 return  # the head read again (after a crash): it is in the tiers already
-            await self._hold(partition, seq, block, d)
+            await self._hold(partition, blocks, seq, block, d)
             return
         if self.successes is not None and d.id in self.successes:
             metrics.DUPLICATES_SKIPPED.inc()
             return
-        if not await self._attempt(d):
+        if not await self._attempt(d) and self._ours(partition, blocks):
             blocks[seq] = Block(d.id)
             await self._write(partition, seq, blocks[seq])
+
+    def _ours(self, partition: int, blocks: dict[str, Block]) -> bool:
+        """False once `partition` was revoked or lost (and maybe assigned again: a new dict) while a
+        step awaited. A drain that timed out: the record is not committed, so its next owner goes on
+        from the stored block and reads it again; a block written now could land after that owner
+        loaded the blocks, unseen by it and stale for the one after."""
+        return self.blocked.get(partition) is blocks
 
     async def _attempt(self, d: Delivery) -> bool:
         """Attempt `d`; True if it is finished (delivered or parked). Otherwise it is in a tier,
@@ -266,10 +273,10 @@ class Ordering:
         next_ = await self.dispatcher.dispatch(d)
         return isinstance(next_, (route.Done, route.Dead))
 
-    async def _hold(self, partition: int, seq: str, block: Block, d: Delivery) -> None:
+    async def _hold(self, partition: int, blocks: dict[str, Block], seq: str, block: Block, d: Delivery) -> None:
         offset = await self.outbox.publish(route.HELD, seq, d.encode(), partition=partition)
         metrics.child(metrics.ORDERING_HELD, d.endpoint_id).inc()
-        if block.first is None:
+        if block.first is None and self._ours(partition, blocks):
             block.first = int(offset)
             await self._write(partition, seq, block)
 
@@ -284,10 +291,12 @@ class Ordering:
     # ---- release -----------------------------------------------------------------------------------
     async def _release(self, partition: int, seq: str, block: Block) -> None:
         blocks = self.blocked.get(partition)
+        if blocks is None:
+            return
         started, n = time.monotonic(), 0
         pos = block.first
         while pos is not None:
-            if blocks is None or partition not in self.blocked:
+            if not self._ours(partition, blocks):
                 return  # lost meanwhile: the next owner goes on from the stored block and marker
             if (
                 partition in self.revoking
@@ -309,10 +318,11 @@ class Ordering:
             if d is None or (self.successes is not None and d.id in self.successes):
                 continue  # not a delivery (logged, skipped: only we write there), or held twice
             if not await self._attempt(d):
-                block.head, block.first = d.id, pos
-                await self._write(partition, seq, block)
+                if self._ours(partition, blocks):
+                    block.head, block.first = d.id, pos
+                    await self._write(partition, seq, block)
                 return
-        if blocks is not None:
+        if self._ours(partition, blocks):
             blocks.pop(seq, None)
             await self._write(partition, seq, None)
 
