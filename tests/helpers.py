@@ -7,8 +7,10 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -34,6 +36,43 @@ def register(settings: Settings, receiver: Receiver, path: str, events: str, mod
     ep = create_endpoint(with_receivers(settings), url=receiver.url(path), events=events, mode=mode, **kw)
     with Producer(settings) as p:
         p.send(route.ENDPOINTS, ep.id, ep.record())
+    return ep
+
+
+@contextmanager
+def shared_stack(bootstrap: str, name: str, **env: str) -> Iterator[SimpleNamespace]:
+    """A module's shared stack: its own topic prefix (topics applied), one receiver and one worker
+    started with `env`; torn down (worker stopped, topics deleted) at the end. Tests on it keep
+    apart by their own endpoints, paths and resource ids (register_known)."""
+    from app.topics import apply
+
+    settings = Settings.from_env(
+        {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "WEBHOOKS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}."}
+    )
+    apply(settings)
+    receiver = Receiver().start()
+    worker = WorkerProcess(settings, name=name, **env)
+    try:
+        worker.start()
+        yield SimpleNamespace(settings=settings, receiver=receiver, worker=worker)
+    finally:
+        worker.stop(timeout=5)  # a graceful stop is not what the tests check
+        receiver.stop()
+        delete_topics(bootstrap, settings.topic_prefix)
+
+
+def register_known(
+    stack: SimpleNamespace, path: str, events: str, mode: str, timeout: float = 30.0, **kw: Any
+) -> Endpoint:
+    """register() on a running worker, returned once that worker's registry has the endpoint (its
+    API reads the same registry view the fan-out matches events against), so the test's first
+    event already finds it."""
+    ep = register(stack.settings, stack.receiver, path, events, mode, **kw)
+    eventually(
+        lambda: stack.worker.api("GET", f"/api/endpoints/{ep.id}").status_code == 200,
+        timeout,
+        f"the worker knows endpoint {ep.id}",
+    )
     return ep
 
 
