@@ -39,8 +39,10 @@ def tiers(kafka: Any) -> Iterator[SimpleNamespace]:
 
 @pytest.fixture(scope="module")
 def one_tier(kafka: Any) -> Iterator[SimpleNamespace]:
-    """One worker with a single 100 ms tier (one retry, then the DLQ) for the replay tests."""
-    with shared_stack(kafka.bootstrap, "one-tier", WEBHOOKS_RETRY_SCHEDULE="100ms") as stack:
+    """One worker with a single 2 s tier (one retry, then the DLQ): the disabled-endpoint test needs
+    a retry to wait long enough for its endpoint to be disabled meanwhile; the replay tests only
+    need one retry before the DLQ, so they take this tier too rather than a worker of their own."""
+    with shared_stack(kafka.bootstrap, "one-tier", WEBHOOKS_RETRY_SCHEDULE="2s") as stack:
         yield stack
 
 
@@ -57,29 +59,6 @@ def wait_dlq(settings: Settings, count: int, endpoint_id: str | None = None, tim
         if len(view) >= count or time.monotonic() > deadline:
             return view
         time.sleep(0.2)
-
-
-def test_disabled_endpoint_deliveries_go_to_dlq_not_nowhere(settings, receiver, workers) -> None:
-    # Its own worker: a 2 s tier to disable the endpoint in, and worker-wide DLQ metrics to check.
-    ep = register(settings, receiver, "/d", "invoice.*", "async")
-    receiver.on("/d", lambda n: Reply(500))
-    w = workers(WEBHOOKS_RETRY_SCHEDULE="2s")
-    with Producer(settings) as p:
-        sent = p.emit("invoice.sent", "4", {"id": "4"})
-    (first,) = receiver.wait_for(1, "/d")
-    assert cli(settings, "endpoints", "disable", ep.id).exit_code == 0
-    wait_dlq(settings, 1)
-    settle(w, accounted=lambda: read_view(settings))
-    view = read_view(settings)
-    # Parked from the tier with what happened so far: the one failed attempt, same delivery id.
-    (entry,) = view.values()
-    assert entry["dlq_reason"] == "endpoint_disabled" and entry["id"] == first.header("X-PerfexAPI-Delivery")
-    assert entry["endpoint_id"] == ep.id and entry["event_id"] == sent["id"]
-    assert [(a["outcome"], a["status"]) for a in entry["attempts"]] == [("http_error", 500)]
-    assert len(receiver.received("/d")) == 1
-    text = w.metrics()
-    assert metric(text, "webhooks_dlq_entries_total", reason="endpoint_disabled") == 1
-    assert metric(text, "webhooks_dlq_size") == 1
 
 
 def test_records_waiting_in_a_tier_survive_a_worker_restart(settings, receiver, workers) -> None:
@@ -178,12 +157,36 @@ def test_410_disables_endpoint_and_parks_at_once(tiers: SimpleNamespace) -> None
     assert sorted(e["dlq_reason"] for e in dlq_of(settings, ep.id).values()) == ["endpoint_disabled", "gone"]
 
 
+def test_disabled_endpoint_deliveries_go_to_dlq_not_nowhere(one_tier: SimpleNamespace) -> None:
+    settings, receiver, w = one_tier.settings, one_tier.receiver, one_tier.worker
+    ep = register_known(one_tier, "/d", "invoice.*", "async")
+    receiver.on("/d", lambda n: Reply(500))
+    # The worker's counter before this test (the module's other tests run on the same worker).
+    parked_before = metric(w.metrics(), "webhooks_dlq_entries_total", reason="endpoint_disabled")
+    with Producer(settings) as p:
+        sent = p.emit("invoice.sent", "4", {"id": "4"})
+    (first,) = receiver.wait_for(1, "/d")
+    assert cli(settings, "endpoints", "disable", ep.id).exit_code == 0  # while the retry waits 2 s
+    wait_dlq(settings, 1, ep.id)
+    settle(w, accounted=lambda: dlq_of(settings, ep.id))
+    view = dlq_of(settings, ep.id)
+    # Parked from the tier with what happened so far: the one failed attempt, same delivery id.
+    (entry,) = view.values()
+    assert entry["dlq_reason"] == "endpoint_disabled" and entry["id"] == first.header("X-PerfexAPI-Delivery")
+    assert entry["endpoint_id"] == ep.id and entry["event_id"] == sent["id"]
+    assert [(a["outcome"], a["status"]) for a in entry["attempts"]] == [("http_error", 500)]
+    assert len(receiver.received("/d")) == 1
+    text = w.metrics()
+    assert metric(text, "webhooks_dlq_entries_total", reason="endpoint_disabled") == parked_before + 1
+    assert metric(text, "webhooks_dlq_size") == len(read_view(settings))  # this entry among them
+
+
 def test_replay_after_recovery_delivers_each_once_and_empties_dlq(one_tier: SimpleNamespace) -> None:
     settings, receiver, w = one_tier.settings, one_tier.receiver, one_tier.worker
     healthy = {"on": False}
     ep = register_known(one_tier, "/p", "payment.*", "async")
     receiver.on("/p", lambda n: Reply(200) if healthy["on"] else Reply(500))
-    with Producer(settings) as p:  # one retry (the worker's single 100 ms tier), then the DLQ
+    with Producer(settings) as p:  # one retry (the worker's single tier), then the DLQ
         for i in range(5):
             p.emit("payment.received", str(i), {"id": str(i)}, flush=False)
     wait_dlq(settings, 5, ep.id)
