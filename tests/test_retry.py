@@ -51,11 +51,11 @@ def dlq_of(settings: Settings, endpoint_id: str) -> dict[str, Any]:
     return {k: e for k, e in read_view(settings).items() if e.get("endpoint_id") == endpoint_id}
 
 
-def wait_dlq(settings: Settings, count: int, endpoint_id: str | None = None, timeout: float = 30.0) -> dict:
-    """Poll until the DLQ (or one endpoint's part of it) has `count` entries; returns what it has."""
+def wait_dlq(settings: Settings, count: int, endpoint_id: str, timeout: float = 30.0) -> dict:
+    """Poll until one endpoint's part of the DLQ has `count` entries; returns what it has."""
     deadline = time.monotonic() + timeout
     while True:
-        view = read_view(settings) if endpoint_id is None else dlq_of(settings, endpoint_id)
+        view = dlq_of(settings, endpoint_id)
         if len(view) >= count or time.monotonic() > deadline:
             return view
         time.sleep(0.2)
