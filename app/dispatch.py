@@ -52,7 +52,11 @@ class Dispatcher:
         self.successes = RecentSuccesses(settings)
         # Delivery ids being dispatched here now: a second copy (the fan-out re-published a delivery
         # the agent also re-reads) waits for the first to finish, then is skipped if it succeeded.
-        self._active: dict[str, asyncio.Event] = {}
+        # The event exists only once a copy waits (rare): none is made per delivery.
+        self._active: dict[str, asyncio.Event | None] = {}
+        # Requests in flight, read by the gauge at scrape time (no gauge lock twice per request).
+        self.in_flight = 0
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
         # Circuit breakers and auto-disable (app/breaker.py).
         self.health = EndpointHealth(settings, sender, self.disable_endpoint)
         self.throttle = Throttle()  # endpoints' max_rate (app/throttle.py); its share set by the delivery agent
@@ -65,17 +69,22 @@ class Dispatcher:
         again) is skipped: Done."""
         if self.successes.catching_up:  # partitions just assigned: learn what was delivered first
             await self.successes.settled()
-        while (running := self._active.get(d.id)) is not None:
-            await running.wait()
+        active = self._active
+        while d.id in active:  # a copy of it is being attempted: wait for that one to finish
+            waiter = active[d.id]
+            if waiter is None:  # the first copy to wait makes the event (none per delivery otherwise)
+                waiter = active[d.id] = asyncio.Event()
+            await waiter.wait()
         if d.id in self.successes:
             metrics.DUPLICATES_SKIPPED.inc()
             return route.DONE
-        done = self._active[d.id] = asyncio.Event()
+        active[d.id] = None
         try:
             return await self._dispatch(d, tier)
         finally:
-            del self._active[d.id]
-            done.set()
+            waiter = active.pop(d.id)
+            if waiter is not None:
+                waiter.set()
 
     async def _dispatch(self, d: Delivery, tier: int | None) -> route.Next:
         ep = self.registry.get(d.endpoint_id)
@@ -120,11 +129,11 @@ class Dispatcher:
                 # timeout after another and holding the consumer's records meanwhile.
                 if not (self._slow.get(ep.id) and self._waiting[ep.id] > self.max_waiting_per_endpoint):
                     async with self._global:
-                        metrics.IN_FLIGHT.inc()
+                        self.in_flight += 1
                         try:
                             attempt = await self.sender.attempt(d, ep)
                         finally:
-                            metrics.IN_FLIGHT.dec()
+                            self.in_flight -= 1
         finally:
             self._waiting[ep.id] -= 1
         if attempt is None:

@@ -37,6 +37,7 @@ from app.producer import Producer
 from app.signing import build_headers, verify
 from bench.harness import (
     BenchWorker,
+    CpuShare,
     ReceiverProcess,
     invoice,
     kafka,
@@ -127,9 +128,12 @@ def _stage(
         started = time.time()
         wp = psutil.Process(w.pid)
         spying = w.spy(spy) if spy else None
+        share = CpuShare(w.pid, rx.proc.pid if rx.proc else None)
+        share.start()
         w0 = wp.cpu_times()
         rx.wait_for(events * endpoints, path, timeout=timeout)
         w1 = wp.cpu_times()
+        cores = share.stop()
         if spying is not None:
             spying.send_signal(signal.SIGINT)
             spying.wait(60)
@@ -151,6 +155,9 @@ def _stage(
         "worker_cpu_ms_per_delivery": round(cpu * 1000 / (events * endpoints), 3),
         "worker_cpu_utilisation": round(cpu / busy, 2),
         "worker_cpu_sys_share": round((w1.system - w0.system) / max(1e-9, cpu), 2),
+        # Cores used while it ran: the worker's main thread (event loop), librdkafka's threads, its
+        # other threads; the receiver; the whole machine (2 = every core busy: it waited for a core).
+        **cores,
     }
 
 
@@ -222,6 +229,9 @@ def run(
     result["target_ratio"] = 0.5
     for name, row in measured.items():
         row["ratio"] = round(row["worker_per_s"] / base_mean, 3)
+        # CPU per delivery as a multiple of the bare client's per request: what a slower or busier
+        # host changes least (both sides slow down alike).
+        row["cpu_x_bare"] = round(row["worker_cpu_ms_per_delivery"] / result["baseline_cpu_ms_per_request"], 2)
         result[f"{name}_stage"] = row
     return result
 
@@ -282,7 +292,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "worker_deliveries",
                 "worker_unique_ids",
                 "worker_cpu_ms_per_delivery",
+                "cpu_x_bare",
                 "worker_cpu_utilisation",
+                "worker_main_cores",
+                "worker_librdkafka_cores",
+                "worker_other_threads_cores",
+                "receiver_cores",
+                "machine_busy_cores",
             )
         ]
     print_result("async throughput (1 worker vs bare aiohttp client)", flat, keys)

@@ -139,6 +139,64 @@ class ReceiverProcess:
         self.stop()
 
 
+# ---- where the CPU went during a stage ------------------------------------------------------------------
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each kind of thread of one process (Linux /proc): the main thread (the event
+    loop), librdkafka's threads (`rdk:*`, all together) and the other threads (Faust's consumer
+    thread, the delivery agent's polling thread, asyncio's helpers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"main": 0.0, "librdkafka": 0.0, "other threads": 0.0}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # the thread ended
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            kind = "main" if int(tid) == pid else "librdkafka" if comm.startswith("rdk:") else "other threads"
+            out[kind] += cpu
+    return out
+
+
+class CpuShare:
+    """Cores used by the worker (per kind of thread), the receiver and the whole machine between
+    `start()` and `stop()`: says whether a worker below one core waited for a core (the machine
+    was busy) or for something else (its receiver, the broker, its own limits)."""
+
+    def __init__(self, worker_pid: int, receiver_pid: int | None) -> None:
+        self.pids = {"worker": worker_pid, "receiver": receiver_pid}
+
+    def _read(self) -> dict[str, Any]:
+        import psutil
+
+        snap: dict[str, Any] = {"t": time.monotonic(), "machine": psutil.cpu_times()}
+        snap["threads"] = thread_cpu(self.pids["worker"])
+        rx = self.pids["receiver"]
+        if rx is not None:
+            with contextlib.suppress(psutil.Error):
+                c = psutil.Process(rx).cpu_times()
+                snap["receiver"] = c.user + c.system
+        return snap
+
+    def start(self) -> None:
+        self._a = self._read()
+
+    def stop(self) -> dict[str, float]:
+        a, b = self._a, self._read()
+        wall = max(1e-9, b["t"] - a["t"])
+        ma, mb = a["machine"], b["machine"]
+        idle = (mb.idle + getattr(mb, "iowait", 0)) - (ma.idle + getattr(ma, "iowait", 0))
+        total = sum(mb) - sum(ma)
+        out = {f"worker_{k.replace(' ', '_')}_cores": round((b["threads"][k] - a["threads"][k]) / wall, 2) for k in b["threads"]}
+        if "receiver" in a and "receiver" in b:
+            out["receiver_cores"] = round((b["receiver"] - a["receiver"]) / wall, 2)
+        out["machine_busy_cores"] = round((os.cpu_count() or 1) * (total - idle) / max(1e-9, total), 2)
+        return out
+
+
 # ---- worker -------------------------------------------------------------------------------------------
 class BenchWorker:
     """One `perfex-webhooks worker` process on the bench's prefix (a temp Faust data dir)."""

@@ -47,8 +47,8 @@ def summarise(path: str, top: int = 40) -> str:
     with open(path, encoding="utf-8") as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
+            if not stack or not count.isdigit():
+                continue  # py-spy sometimes writes a stack cut short (no count): skip it
             n = int(count)
             total += n
             frames = stack.split(";")

@@ -82,7 +82,7 @@ class RecordConsumer(ABC, Generic[K]):
             return False
         self.held += 1
         book.start(offset)
-        task = asyncio.ensure_future(self._one(partition, book, offset, key, value))
+        task = asyncio.get_running_loop().create_task(self._one(partition, book, offset, key, value))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True

@@ -6,8 +6,10 @@ Python fetch cost about twice the HTTP attempt itself (docs/performance.md). lib
 decodes in its own C threads; one Python thread takes batches from it and hands them to the event
 loop, where each record becomes one `Dispatcher.dispatch` task (bounded: at most `max_in_flight * 8`
 records held, and the Dispatcher's global and per-endpoint caps on top). The thread never waits
-for room: when the cap is reached it pauses its partitions and keeps polling, so a hung endpoint
-cannot keep it from polling past max.poll.interval and cost the worker its group membership.
+for room: when the cap is reached it takes nothing new but keeps polling (every 50 ms, keeping what
+a poll returns), so a hung endpoint cannot keep it from polling past max.poll.interval and cost the
+worker its group membership; only a long stall pauses its partitions (a pause purges librdkafka's
+prefetched records, which a resume fetches again: too dear for every busy spell).
 
 Offsets are committed only up to the first record not yet finished (app/consumers/base.py). A
 record that is not a valid delivery, or whose dispatch raised three times, is parked in the DLQ as
@@ -47,7 +49,11 @@ BATCH = 500
 # Commits follow finished records closely (at most this much later): after a crash the next owner
 # re-reads only what finished since (and the Dispatcher skips those recorded as delivered).
 COMMIT_INTERVAL = 0.1
-HANDOVER_WAIT = 0.5  # longest the thread waits for the loop to take a batch (then it pauses and polls)
+HANDOVER_WAIT = 0.5  # longest the thread waits for the loop to take a batch (then it polls meanwhile)
+STALLED_POLL = 0.05  # while there is no room: how often the thread polls (rebalances, max.poll.interval)
+# Fetched records librdkafka keeps ahead of the loop: seconds of work at any rate measured (8 MB is
+# ~5,000 deliveries of 1.5 kB); bounds the worker's memory now that backpressure no longer pauses.
+PREFETCH_KB = 8192
 
 
 class DeliveryAgent(RecordConsumer[int]):
@@ -66,6 +72,7 @@ class DeliveryAgent(RecordConsumer[int]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
+        self._stalled: list[Any] = []  # records polled while there was no room (consumer thread)
         self._partitions = 0  # of self.topic, for the throttle's share
         # Ordered endpoints' deliveries go through their (endpoint, resource) sequence (app/ordering.py).
         self.ordering = Ordering(settings, dispatcher)
@@ -86,6 +93,7 @@ class DeliveryAgent(RecordConsumer[int]):
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 2_000,
                 "max.poll.interval.ms": int(self.settings.max_poll_interval * 1000),
+                "queued.max.messages.kbytes": PREFETCH_KB,
                 "on_commit": self._on_commit,
                 "log_level": 4,
             },
@@ -133,24 +141,36 @@ class DeliveryAgent(RecordConsumer[int]):
             try:
                 if handover is not None and handover.done():
                     handover = None
-                # Never wait for room: with every slot held (a hung endpoint) pause and keep polling,
-                # so this thread polls well within max.poll.interval and the group keeps it.
                 if self.full or handover is not None:
-                    consumer.pause(consumer.assignment())  # again each round: new partitions too
-                    paused = True
-                elif paused and self.has_room:
-                    consumer.resume(consumer.assignment())
-                    paused = False
-                first = consumer.poll(0.2)  # rebalance callbacks run inside this call
-                msgs = [first] if first is not None else []
-                if first is not None:
-                    msgs += consumer.consume(BATCH - 1, 0)  # whatever else is already fetched
-                if msgs:
-                    handover = asyncio.run_coroutine_threadsafe(self._take(msgs), loop)
-                    try:  # `take` never waits: this is only as long as the loop is busy
-                        handover.result(HANDOVER_WAIT)
-                    except concurrent.futures.TimeoutError:
-                        pass  # still handed over; paused until the loop has taken it
+                    # No room: take nothing new. librdkafka's queue fills to its bound and stops
+                    # fetching by itself; poll only to serve rebalance callbacks and stay within
+                    # max.poll.interval (keeping what it hands back). Pausing would purge the queue
+                    # and fetch it all again on resume, per busy spell (docs/performance.md 8), so
+                    # it is kept for a long stall (a hung endpoint holding every slot).
+                    if len(self._stalled) >= BATCH:
+                        consumer.pause(consumer.assignment())  # again each round: new partitions too
+                        paused = True
+                    time.sleep(STALLED_POLL)
+                    msg = consumer.poll(0)  # rebalance callbacks run inside this call
+                    if msg is not None:
+                        self._stalled.append(msg)
+                else:
+                    if paused:
+                        consumer.resume(consumer.assignment())
+                        paused = False
+                    if self._stalled:
+                        msgs, self._stalled = self._stalled, []
+                    else:
+                        first = consumer.poll(0.2)  # rebalance callbacks run inside this call
+                        msgs = [first] if first is not None else []
+                        if first is not None:
+                            msgs += consumer.consume(BATCH - 1, 0)  # whatever else is already fetched
+                    if msgs:
+                        handover = asyncio.run_coroutine_threadsafe(self._take(msgs), loop)
+                        try:  # `take` never waits: this is only as long as the loop is busy
+                            handover.result(HANDOVER_WAIT)
+                        except concurrent.futures.TimeoutError:
+                            pass  # still handed over; nothing more taken until the loop has it
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_INTERVAL:
                     last_commit = now
@@ -163,6 +183,12 @@ class DeliveryAgent(RecordConsumer[int]):
             except Exception:  # never let the agent die: log and keep consuming
                 log.exception("delivery agent")
                 time.sleep(0.5)
+
+    def _drop_stalled(self, partitions: set[int]) -> None:
+        """Records polled while there was no room, of partitions assigned, revoked or lost just now:
+        their next reader (this worker from the committed offset, or another) reads them again."""
+        if self._stalled:
+            self._stalled = [m for m in self._stalled if m.partition() not in partitions]
 
     def _commit(self, consumer: Consumer, *, asynchronous: bool) -> None:
         offsets = self.book.to_commit()
@@ -198,6 +224,7 @@ class DeliveryAgent(RecordConsumer[int]):
 
     # ---- rebalance callbacks (consumer thread, inside poll) ---------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drop_stalled({tp.partition for tp in partitions})
         if partitions:
             self.learn_successes()
             self._load_ordering([tp.partition for tp in partitions])
@@ -207,6 +234,7 @@ class DeliveryAgent(RecordConsumer[int]):
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions}
+        self._drop_stalled(revoked)
         self.ordering.revoking |= revoked  # a release in progress hands its rest to the next owner
         if self._loop is not None and self._running:
             drain = asyncio.run_coroutine_threadsafe(
@@ -240,6 +268,7 @@ class DeliveryAgent(RecordConsumer[int]):
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Already someone else's: committing now would be refused; their owner re-delivers.
+        self._drop_stalled({tp.partition for tp in partitions})
         self.book.forget(tp.partition for tp in partitions)
         self._share(consumer)
         self.ordering.forget([tp.partition for tp in partitions])
