@@ -2,8 +2,9 @@
 
 5,000 deliveries queue for an endpoint that never answers; a healthy async and a healthy immediate
 endpoint still get theirs within the delivery timeout + 5 s, and the worker keeps its group
-membership all along: no consumer thread waits for room, it pauses its partitions and keeps polling
-(max.poll.interval is 10 s here, so a thread blocked behind the hung endpoint would be evicted).
+membership all along: no consumer thread waits for room, it stops taking records and keeps polling
+(the delivery agent pauses only after a long stall; max.poll.interval is 10 s here, so a thread
+blocked behind the hung endpoint would be evicted).
 """
 
 from __future__ import annotations
