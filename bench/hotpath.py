@@ -11,7 +11,7 @@ time.process_time, so waiting for a CPU under load does not count) and rate. `--
 the Dispatcher phase under cProfile and prints the top functions by own time. A third phase feeds
 the same Dispatcher through the worker's delivery agent (records produced to `webhooks.deliveries`
 first): what consuming adds, to compare with `async_throughput --stage deliveries` (the same agent
-inside a whole worker).
+inside a whole worker), and how many records librdkafka fetched for them (`agent_fetched_records`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ import io
 import pstats
 import time
 from typing import Any
+from unittest import mock
 
 import orjson
+from confluent_kafka import Consumer
 
+from app.consumers import deliveries
 from app.consumers.deliveries import DeliveryAgent
 from app.delivery import Delivery, HttpSender, delivery_id_for
 from app.dispatch import Dispatcher
@@ -71,10 +74,20 @@ async def _run_dispatcher(settings: Any, deliveries: list[Delivery], lanes: int,
         await outbox.stop()
 
 
-async def _run_agent(settings: Any, n: int, rx: ReceiverProcess, path: str) -> float:
+async def _run_agent(settings: Any, n: int, rx: ReceiverProcess, path: str, fetched: dict[str, int]) -> float:
     """The same Dispatcher fed by the worker's delivery agent (app/consumers/deliveries.py: librdkafka
     consumer, offset bookkeeping, commits), without Faust: CPU of this whole process, librdkafka's
-    threads included, until the receiver has all `n`."""
+    threads included, until the receiver has all `n`. `fetched` gets librdkafka's count of records
+    (and bytes) it fetched meanwhile, from its statistics: `n` unless something made it fetch
+    records again (a pause purges the prefetched ones: docs/performance.md 8)."""
+
+    def counting_consumer(conf: dict[str, Any], **kw: Any) -> Consumer:
+        def on_stats(raw: str) -> None:
+            doc = orjson.loads(raw)
+            fetched.update(records=doc["rxmsgs"], bytes=doc["rxmsg_bytes"])
+
+        return Consumer({**conf, "statistics.interval.ms": 100, "stats_cb": on_stats}, **kw)
+
     outbox, sender = Outbox(settings), HttpSender(settings)
     registry = Registry(settings)
     await outbox.start()
@@ -82,17 +95,20 @@ async def _run_agent(settings: Any, n: int, rx: ReceiverProcess, path: str) -> f
     await registry.start()
     await asyncio.wait_for(registry.ready.wait(), 60)
     dispatcher = Dispatcher(settings, registry, sender, outbox)
-    agent = DeliveryAgent(settings, dispatcher)
-    try:
-        c0 = time.process_time()
-        await agent.start()
-        await asyncio.to_thread(rx.wait_for, n, path, 600)
-        return time.process_time() - c0
-    finally:
-        await agent.stop()
-        await registry.stop()
-        await sender.stop()
-        await outbox.stop()
+    with mock.patch.object(deliveries, "Consumer", counting_consumer):
+        agent = DeliveryAgent(settings, dispatcher)
+        try:
+            c0 = time.process_time()
+            await agent.start()
+            await asyncio.to_thread(rx.wait_for, n, path, 600)
+            cpu = time.process_time() - c0
+            await asyncio.sleep(0.5)  # the statistics after the last fetch
+            return cpu
+        finally:
+            await agent.stop()
+            await registry.stop()
+            await sender.stop()
+            await outbox.stop()
 
 
 def run(
@@ -124,7 +140,8 @@ def run(
                 # the attempt log already holds, as the dispatcher stage's are.
                 d.endpoint_id, d.id = ep2.id, delivery_id_for(d.event_id, ep2.id, d.mode)
                 p.send("webhooks.deliveries", d.resource_key, d.encode())
-        cpu_agent = asyncio.run(_run_agent(s, deliveries, rx, "/consumer"))
+        fetched: dict[str, int] = {}
+        cpu_agent = asyncio.run(_run_agent(s, deliveries, rx, "/consumer", fetched))
         c_stats = rx.stats("/consumer")
     result.update(
         {
@@ -135,6 +152,9 @@ def run(
             "cpu_ratio_dispatcher_over_bare": round(cpu_dispatch / cpu_bare, 2),
             "agent_per_s": round(_rate(c_stats)),
             "agent_cpu_ms_per_delivery": round(cpu_agent * 1000 / deliveries, 3),
+            # What librdkafka fetched to deliver them (statistics `rxmsgs`, `rxmsg_bytes`).
+            "agent_fetched_records": fetched.get("records"),
+            "agent_fetched_bytes": fetched.get("bytes"),
         }
     )
     if prof is not None and profile:
@@ -159,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             "deliveries", "dispatcher_per_s", "bare_per_s", "dispatcher_cpu_ms_per_delivery",
             "bare_cpu_ms_per_request", "cpu_ratio_dispatcher_over_bare", "agent_per_s",
-            "agent_cpu_ms_per_delivery",
+            "agent_cpu_ms_per_delivery", "agent_fetched_records", "agent_fetched_bytes",
         ],
     )  # fmt: skip
     if "profile_top" in result:
