@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     Modules run heaviest first (slow and container tests, then Kafka tests): `--dist loadfile` hands modules to
     the test processes in this order, so the long ones start early and the quick ones fill the
     gaps at the end instead of one long module finishing alone."""
+    _unique_node_ids(items)
     weight: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
@@ -87,6 +89,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         weight[module] = weight.get(module, 0) + 10 * heavy + kafka
     # Stable: equal weights keep their collection order (every process computes the same order).
     items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])
+
+
+def _unique_node_ids(items: list[pytest.Item]) -> None:
+    """schemathesis 4.32 on pytest 9 gives every API operation's item the same node id (pytest 9
+    builds it from `originalname` and a callspec; schemathesis names the operation only in `name`).
+    pytest-xdist schedules by node id, so it ran one operation of the fuzz test and dropped the
+    rest without a word. An item whose id is taken gets the id of its own name."""
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        if counts[item.nodeid] > 1 and item.name != item.nodeid.rsplit("::", 1)[-1]:
+            item._id = item.parent.id.child(item.name)  # type: ignore[union-attr]  # Node's default
+    seen: set[str] = set()
+    for item in items:
+        if item.nodeid in seen:
+            raise pytest.UsageError(f"two tests share the node id {item.nodeid}")
+        seen.add(item.nodeid)
 
 
 @pytest.hookimpl(hookwrapper=True)
