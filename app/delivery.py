@@ -226,7 +226,7 @@ def validate(d: Any) -> None:
     if get("failures", 0) < 0 or get("replays", 0) < 0:
         raise InvalidDelivery("failures and replays cannot be negative")
     attempts = get("attempts")
-    if attempts and not all(type(a) is dict or isinstance(a, dict) for a in attempts):
+    if attempts and not all(isinstance(a, dict) for a in attempts):
         raise InvalidDelivery("attempts holds something other than objects")
 
 

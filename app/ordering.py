@@ -255,9 +255,9 @@ class Ordering:
         if self.successes is not None and d.id in self.successes:
             metrics.DUPLICATES_SKIPPED.inc()
             return
-        if not await self._attempt(d) and self._ours(partition, blocks):
+        if not await self._attempt(d):
             blocks[seq] = Block(d.id)
-            await self._write(partition, seq, blocks[seq])
+            await self._write(partition, blocks, seq, blocks[seq])
 
     def _ours(self, partition: int, blocks: dict[str, Block]) -> bool:
         """False once `partition` was revoked or lost (and maybe assigned again: a new dict) while a
@@ -276,13 +276,16 @@ class Ordering:
     async def _hold(self, partition: int, blocks: dict[str, Block], seq: str, block: Block, d: Delivery) -> None:
         offset = await self.outbox.publish(route.HELD, seq, d.encode(), partition=partition)
         metrics.child(metrics.ORDERING_HELD, d.endpoint_id).inc()
-        if block.first is None and self._ours(partition, blocks):
+        if block.first is None:
             block.first = int(offset)
-            await self._write(partition, seq, block)
+            await self._write(partition, blocks, seq, block)
 
-    async def _write(self, partition: int, seq: str, block: Block | None) -> None:
+    async def _write(self, partition: int, blocks: dict[str, Block], seq: str, block: Block | None) -> None:
         """Store the sequence's block (None: unblocked); acknowledged before the record that
-        changed it is finished, so its next owner reads it."""
+        changed it is finished, so its next owner reads it. Not once the partition moved while
+        the step awaited (`_ours`): what changed in `blocks` then dies with it."""
+        if not self._ours(partition, blocks):
+            return
         value = None if block is None else orjson.dumps(block.record())
         await self.outbox.publish(route.ORDERING, seq, value, partition=partition)
         log.debug("ordering: %s %s (partition %d)", seq, "unblocked" if block is None else f"blocked by {block}", partition)
@@ -304,7 +307,7 @@ class Ordering:
                 or time.monotonic() - started > RELEASE_SECONDS
             ):
                 block.head, block.first = "release:" + secrets.token_hex(6), pos
-                await self._write(partition, seq, block)
+                await self._write(partition, blocks, seq, block)
                 await self.outbox.publish(
                     route.DELIVERIES, None, marker(seq, block.head), partition=partition
                 )
@@ -318,13 +321,11 @@ class Ordering:
             if d is None or (self.successes is not None and d.id in self.successes):
                 continue  # not a delivery (logged, skipped: only we write there), or held twice
             if not await self._attempt(d):
-                if self._ours(partition, blocks):
-                    block.head, block.first = d.id, pos
-                    await self._write(partition, seq, block)
+                block.head, block.first = d.id, pos
+                await self._write(partition, blocks, seq, block)
                 return
-        if self._ours(partition, blocks):
-            blocks.pop(seq, None)
-            await self._write(partition, seq, None)
+        blocks.pop(seq, None)
+        await self._write(partition, blocks, seq, None)
 
     async def _next_held(self, partition: int, seq: str, pos: int) -> tuple[int, Delivery | None] | None:
         """The first held record of `seq` at or after `pos` in its partition; None at the end."""

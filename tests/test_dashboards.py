@@ -318,6 +318,13 @@ def check_query(prom: Prometheus, where: str, q: str, want: dict[str, Want], at:
     return problems
 
 
+def keep_for_inspection(workdir: Path, name: str) -> None:
+    """A failed check keeps Prometheus's config and rules (not its data) in test-output/<name>."""
+    keep = OUTPUT / name
+    shutil.rmtree(keep, ignore_errors=True)
+    shutil.copytree(workdir, keep, ignore=shutil.ignore_patterns("data"))
+
+
 def check_dashboard(
     prom: Prometheus,
     path: Path,
@@ -490,9 +497,7 @@ def test_every_panel_shows_the_value_the_load_implies(
         gate.set()
         problems += held
         if problems:
-            keep = OUTPUT / "prometheus-dashboards"
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(workdir, keep, ignore=shutil.ignore_patterns("data"))
+            keep_for_inspection(workdir, "prometheus-dashboards")
         assert not problems, f"dashboard values off (window {window}s):\n" + "\n".join(problems)
     finally:
         gate.set()
@@ -680,9 +685,7 @@ def test_every_controls_panel_shows_the_value_its_load_implies(
         assert got == {"flt": ["l2w", "l2c"], "err": ["l1w", "l1c"]}, got
         assert w.api("GET", f"/api/endpoints/{ids['brk']}").json()["enabled"] is False
         if problems:
-            keep = OUTPUT / "prometheus-controls"
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(tmp_path, keep, ignore=shutil.ignore_patterns("data"))
+            keep_for_inspection(tmp_path, "prometheus-controls")
         assert not problems, f"controls panels off (window {window}s):\n" + "\n".join(problems)
     finally:
         prom.stop()
