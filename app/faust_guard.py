@@ -30,6 +30,21 @@ refuses to start the worker otherwise, instead of raising inside Faust's rebalan
   since the last commit out again (issue 11: 6-8 partitions during a broker failover, and once on a
   quiet broker seconds after a worker started).
 
+- `InOrder` (#596, at the agent: order, not loss): the repairs above read a dropped record again
+  only after the records behind it went through the agent, so one resource's later events were
+  fanned out before an earlier one (issue 18: an ordered endpoint got [2, 3, 4, 1]). The fan-out
+  agent asks `InOrder.accept` for every record: a record whose predecessor in the partition never
+  reached the agent is not handled; the partition is sought back to that predecessor, and what
+  was read past it comes again, in order. Records read again after a seek back are handled again
+  (at-least-once). A gap that a re-read cannot fill (offsets that do not exist: retention deleted
+  them) is logged and passed. After each assignment the record expected first is the committed
+  one (`_in_order_from_the_commit`, after Faust's own seek to it), so a seek forward by a repair
+  is caught too.
+- `ReadOffsets` (every seek back above): Faust's fetch loop drops a record below the partition's
+  read offset, which the records fetched before a seek still move past the seek's offset: the
+  records read again were dropped as old. A partition sought back keeps its read offset at the
+  seek's offset until the agent has the record there.
+
 - `_lazy_commit_tables` (CPU, not records): `Consumer._commit_offsets` renders a terminal table of
   the offsets (terminaltables) on every commit, 5 a second, for a `dev`-level log line that is never
   printed: 45 % of the commits' CPU in docs/performance.md 5.1. The table is now rendered only if
@@ -67,7 +82,8 @@ PRIVATES = (
     ("app.consumer", "_gap"),
     ("app.consumer", "_acked"),
     ("app.consumer", "_unacked_messages"),
-    ("app.consumer", "_read_offset"),
+    ("app.consumer", "_read_offset"),  # replaced by a ReadOffsets (its fetch loop's check)
+    ("app.consumer", "perform_seek"),  # its seek to the committed offsets, followed by InOrder
     ("app.flow_control", "_queues"),
     ("app.flow_control", "resume"),
     ("asyncio.Queue()", "_queue"),  # FlowControlQueue's items
@@ -120,12 +136,16 @@ def check(app: faust.App) -> None:
         )
 
 
-def install(app: faust.App, streams: set[str]) -> None:
-    """Check the installed Faust, then put every workaround in place for these stream topics."""
+def install(app: faust.App, streams: set[str]) -> InOrder:
+    """Check the installed Faust, then put every workaround in place for these stream topics; the
+    returned guard is the agent's (`InOrder.accept` for each record it takes)."""
     check(app)
+    read_offsets = ReadOffsets.install(app.consumer)
+    in_order = InOrder(app, streams, read_offsets)
+    _in_order_from_the_commit(app, in_order)
     _commit_only_acked(streams)
     _track_commits()
-    _reseek_after_flow_resume(app, streams)
+    _reseek_after_flow_resume(app, streams, in_order)
     _lazy_commit_tables()
     stalled: dict[Any, int] = {}
 
@@ -133,8 +153,15 @@ def install(app: faust.App, streams: set[str]) -> None:
     async def reread_dropped_heads() -> None:
         try:
             _reread_dropped_heads(app, streams, stalled)
+            await in_order.seek_again()
         except Exception:  # a safety net must not become a failure of its own
             log.exception("re-reading dropped records")
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        in_order.forget(revoked)  # Faust's rebalances revoke every partition before assigning
+
+    return in_order
 
 
 def committed_offset(consumer: Any, tp: Any) -> int | None:
@@ -234,13 +261,30 @@ def _lazy_commit_tables() -> None:
         consumer_module.terminal = _LazyTerminal(consumer_module.terminal)  # type: ignore[assignment]
 
 
-def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
-    """faust-streaming #596: re-read the records a flow-control queue clear dropped."""
+def _in_order_from_the_commit(app: faust.App, in_order: InOrder) -> None:
+    """After Faust seeks its partitions to their committed offsets (once per assignment, after the
+    flow resumed), the agent's next record is the committed one: `in_order` expects it, and the
+    re-read passes Faust's check on old records though records fetched before the seek are still
+    on their way (`ReadOffsets`)."""
+    consumer = app.consumer
+    perform_seek = consumer.perform_seek
+
+    async def perform_seek_in_order() -> None:
+        await perform_seek()
+        in_order.expect_committed()
+
+    consumer.perform_seek = perform_seek_in_order  # type: ignore[method-assign]
+
+
+def _reseek_after_flow_resume(app: faust.App, streams: set[str], in_order: InOrder) -> None:
+    """faust-streaming #596: re-read the records a flow-control queue clear dropped, from the first
+    record the agent has not had (`in_order`): one dropped while handed over, before the queued ones,
+    is read again in its place."""
     flow = app.flow_control
     resume = flow.resume
     tasks: set[asyncio.Task[None]] = set()
 
-    async def seek_back(queued: dict[Any, int]) -> None:
+    async def reseek(queued: dict[Any, int]) -> None:
         consumer = app.consumer
         for tp in list(consumer.assignment()):
             if tp.topic in streams and consumer._committed_offset.get(tp) is None:
@@ -257,7 +301,7 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
         for tp, offset in queued.items():
             try:
                 if tp in consumer.assignment():
-                    await consumer.seek(tp, offset)
+                    await seek_back(consumer, tp, offset)
                     consumer._gap.pop(tp, None)
             except Exception as exc:  # revoked meanwhile: its next owner starts at the commit
                 log.info("re-seek of %s to %s skipped: %r", tp, offset, exc)
@@ -276,8 +320,12 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
                 if msg is None or msg.topic not in streams or msg.generation_id != generation:
                     continue
                 queued[msg.tp] = min(queued.get(msg.tp, msg.offset), msg.offset)
+        for tp, offset in queued.items():
+            expected = in_order.expected.get(tp)
+            if expected is not None and expected < offset:
+                queued[tp] = expected
         resume()
-        task = asyncio.ensure_future(seek_back(queued))
+        task = asyncio.ensure_future(reseek(queued))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -305,9 +353,171 @@ def _reread_dropped_heads(app: faust.App, streams: set[str], stalled: dict[Any, 
         if stalled.get(tp) != head:
             stalled[tp] = head  # first sighting: it may still be on its way to the agent
             continue
-        task = asyncio.ensure_future(consumer.seek(tp, head))
+        task = asyncio.ensure_future(seek_back(consumer, tp, head))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         log.info("re-reading %s:%s from %s: its head record was dropped", tp.topic, tp.partition, head)
         del stalled[tp]
     for tp in set(stalled) - seen:
         del stalled[tp]
+
+
+class ReadOffsets(dict):  # type: ignore[type-arg]
+    """Faust's per-partition read offsets (`Consumer._read_offset`), with rewinds.
+
+    Faust's fetch loop passes a record only if its offset is at least the partition's read offset,
+    and sets that to each record it passes. A seek sets it to the seek's offset, but records fetched
+    before the seek are still being passed and set it past that again, so the records read again
+    after the seek were dropped as old (seen in tests/test_scale.py: a seek back to 36 while 37..51
+    were still on their way, 36..50 never came). A rewound partition's read offset is at most the
+    seek's offset until the agent has taken the record there (`reached`), so the re-read passes."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rewound: dict[Any, int] = {}
+
+    @classmethod
+    def install(cls, consumer: Any) -> ReadOffsets:
+        current = consumer._read_offset
+        if isinstance(current, cls):
+            return current
+        # Faust's is a defaultdict(lambda: None); its fetch loop binds __getitem__ when it starts,
+        # after this (the worker has not started).
+        consumer._read_offset = made = cls(current)
+        return made
+
+    def __missing__(self, tp: Any) -> None:
+        return None
+
+    def __getitem__(self, tp: Any) -> int | None:
+        value: int | None = super().__getitem__(tp)
+        if self.rewound:
+            floor = self.rewound.get(tp)
+            if floor is not None and (value is None or value > floor):
+                return floor
+        return value
+
+    def get(self, tp: Any, default: Any = None) -> Any:
+        return self[tp] if tp in self else default
+
+    def rewind(self, tp: Any, offset: int) -> None:
+        self.rewound[tp] = offset
+
+    def reached(self, tp: Any, offset: int) -> None:
+        floor = self.rewound.get(tp)
+        if floor is not None and offset <= floor:
+            del self.rewound[tp]
+
+
+async def seek_back(consumer: Any, tp: Any, offset: int) -> None:
+    """Seek a stream partition back to `offset` so that what follows is read again, past Faust's
+    check on old records (`ReadOffsets`). A partition revoked meanwhile is left to its next owner."""
+    read_offsets = consumer._read_offset
+    if isinstance(read_offsets, ReadOffsets):
+        read_offsets.rewind(tp, offset)
+    try:
+        await consumer.seek(tp, offset)
+    except Exception as exc:
+        log.info("seek of %s to %s failed: %r", tp, offset, exc)
+
+
+class InOrder:
+    """faust-streaming #596, at the fan-out agent: a stream partition's records are handled in
+    offset order, none after a record the agent never had.
+
+    `expected[tp]` is the offset of the next record the agent needs: one past the last it handled
+    since the partition was assigned (the first one after an assignment sets it: reading starts at
+    the committed offset, which Faust's own book does not know yet at that point). A record past it means
+    Faust dropped the ones between (a rebalance's hand-over or queue clear): it is not handled, the
+    partition is sought back to `expected`, and the records read past it come again in order. A
+    record at or below it is handled (the next one, or one read again after a seek back).
+    Records already buffered when the seek was made keep arriving past `expected` and are left
+    too; when reading starts over (an offset at or below one seen since the seek) and still lies
+    past `expected`, the offsets between do not exist (deleted by retention): logged, passed.
+    """
+
+    RESEEK_AFTER = 5.0  # seconds: a seek back whose records have not come by then is made again
+
+    def __init__(self, app: faust.App, streams: set[str], read_offsets: ReadOffsets) -> None:
+        self.app = app
+        self.streams = streams
+        self.read_offsets = read_offsets
+        self.expected: dict[Any, int] = {}
+        # tp -> (offset sought back to, highest offset seen since the seek, when it was made)
+        self._sought: dict[Any, tuple[int, int, float]] = {}
+        self.sought_back = 0  # seeks made (a counter for tests and logs)
+
+    def expect_committed(self) -> None:
+        """Faust has just sought every assigned partition to its committed offset."""
+        consumer = self.app.consumer
+        for tp in list(consumer.assignment()):
+            if tp.topic not in self.streams:
+                continue
+            committed = consumer._committed_offset.get(tp)
+            if committed is None:  # never committed (Faust's None for 0): the first record sets it
+                continue
+            self.expected[tp] = committed
+            self._sought.pop(tp, None)
+            self.read_offsets.rewind(tp, committed)
+
+    async def seek_again(self) -> None:
+        """Timer: a partition sought back whose records have not come (none came after it to ask
+        again) is sought back once more."""
+        now = asyncio.get_running_loop().time()
+        for tp, (offset, _, at) in list(self._sought.items()):
+            if now - at >= self.RESEEK_AFTER and self.expected.get(tp) == offset:
+                self._sought[tp] = (offset, offset, now)
+                self.sought_back += 1
+                log.info("fan-out: %s:%s read again from %d (not come yet)", tp.topic, tp.partition, offset)
+                await seek_back(self.app.consumer, tp, offset)
+
+    def forget(self, tps: Any) -> None:
+        for tp in tps:
+            self.expected.pop(tp, None)
+            self._sought.pop(tp, None)
+            self.read_offsets.rewound.pop(tp, None)
+
+    def accept(self, message: Any) -> bool:
+        """True: handle this record. False: ask `after_gap` (a record before it never came)."""
+        tp, offset = message.tp, message.offset
+        expected = self.expected.get(tp)
+        if expected is None or offset <= expected:
+            self.expected[tp] = offset + 1
+            if self._sought:
+                self._sought.pop(tp, None)
+            if self.read_offsets.rewound:
+                self.read_offsets.reached(tp, offset)
+            return True
+        return False
+
+    async def after_gap(self, message: Any) -> bool:
+        """A record `accept` refused: True if it is handled after all (the records before it do not
+        exist); False: leave it, it is read again in order (the partition is sought back)."""
+        tp, offset = message.tp, message.offset
+        expected = self.expected.get(tp)
+        if expected is None:  # forgotten meanwhile (revoked): nothing to keep it from
+            return self.accept(message)
+        loop = asyncio.get_running_loop()
+        sought = self._sought.get(tp)
+        if sought is not None and sought[0] == expected:
+            _, highest, at = sought
+            if offset <= highest:
+                # Reading started over after the seek and still starts past `expected`.
+                log.warning(
+                    "fan-out: %s:%s offsets %d..%d cannot be read (deleted?); going on from %d",
+                    tp.topic, tp.partition, expected, offset - 1, offset,
+                )
+                self.expected[tp] = offset + 1
+                del self._sought[tp]
+                return True
+            if loop.time() - at < self.RESEEK_AFTER:
+                self._sought[tp] = (expected, offset, at)  # buffered before the seek: left too
+                return False
+        log.info(
+            "fan-out: %s:%s record %d came before %d..%d (dropped by Faust in a rebalance): "
+            "reading again from %d",
+            tp.topic, tp.partition, offset, expected, offset - 1, expected,
+        )
+        self._sought[tp] = (expected, offset, loop.time())
+        self.sought_back += 1
+        await seek_back(self.app.consumer, tp, expected)
+        return False

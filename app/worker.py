@@ -156,7 +156,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
     comps = Components(settings)
     os.makedirs(app.conf.datadir, exist_ok=True)
     # Faust loses records around rebalances: the workarounds, checked against the installed Faust.
-    faust_guard.install(app, {settings.topic(route.EVENTS)})
+    in_order = faust_guard.install(app, {settings.topic(route.EVENTS)})
 
     events_topic = app.topic(
         settings.topic(route.EVENTS),
@@ -179,6 +179,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Components]:
         await comps.ready.wait()
         async for event in stream.noack().events():
             msg = event.message
+            if not in_order.accept(msg) and not await in_order.after_gap(msg):
+                continue  # a record before it was dropped by Faust: both come again, in order
             await fanout.handle(msg.key, msg.value, msg.headers, msg.partition, event.ack, msg.offset)
 
     smart_tick = max(0.02, min(0.25, settings.smart_window / 10))

@@ -117,3 +117,95 @@ def test_a_slow_commit_is_no_dropped_head_but_a_dropped_record_is_read_again(
         assert consumer._committed_offset[tp] == 15 and faust_guard.head_offset(consumer, tp) == 15
 
     asyncio.run(scenario())
+
+
+def test_the_agent_takes_a_partition_in_offset_order_when_faust_drops_a_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 18: Faust dropped a record in a rebalance's hand-over and the re-read brought it after
+    the records behind it, so one resource's events were fanned out as 2, 3, 4, 1. The agent's guard
+    leaves a record whose predecessor never came, seeks back once, and takes them again in order;
+    a gap no re-read fills (deleted offsets) is passed once reading has started over."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    app = _app()
+    in_order = faust_guard.install(app, {"crm.events"})
+    consumer = app.consumer
+    tp = TP("crm.events", 3)
+    seeks: list[int] = []
+
+    async def seek(partition: TP, offset: int) -> None:
+        assert partition == tp
+        seeks.append(offset)
+
+    monkeypatch.setattr(consumer, "seek", seek)
+    handled: list[int] = []
+
+    async def agent(*offsets: int) -> None:  # the fan-out agent's loop (app/worker.py)
+        for offset in offsets:
+            msg = SimpleNamespace(tp=tp, offset=offset)
+            if in_order.accept(msg) or await in_order.after_gap(msg):
+                handled.append(offset)
+
+    async def scenario() -> None:
+        await agent(10, 11, 13, 14)  # 12 dropped while handed over; 14 was buffered already
+        assert handled == [10, 11] and seeks == [12]
+        await agent(12, 13, 14, 15)  # read again from 12 after the seek back
+        assert handled == [10, 11, 12, 13, 14, 15] and seeks == [12]
+        await agent(14, 15, 16)  # read again by another repair (a seek further back): handled again
+        assert handled[-3:] == [14, 15, 16]
+
+        await agent(20, 21)  # 17..19 do not exist (deleted): sought back once ...
+        assert seeks == [12, 17] and handled[-1] == 16
+        await agent(20, 21)  # ... reading started over at 20: the gap is passed
+        assert handled[-2:] == [20, 21] and seeks == [12, 17]
+
+        # Revoked and assigned again: reading starts at the committed offset, and the first record
+        # after the assignment sets what comes next (another worker handled 22..29 meanwhile).
+        in_order.forget({tp})
+        await agent(30, 31, 33)
+        assert handled[-2:] == [30, 31] and seeks == [12, 17, 32]
+
+    asyncio.run(scenario())
+
+
+def test_records_read_again_after_a_seek_back_pass_fausts_check_on_old_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust's fetch loop drops a record below the partition's read offset and sets that offset to
+    each record it passes. Records fetched before a seek back are still being passed after it and
+    set it past the seek's offset; without the rewind, the records read again were dropped as old
+    (tests/test_scale.py saw 36..50 never come after a seek back to 36)."""
+    import asyncio
+
+    from faust.types import TP
+
+    app = _app()
+    faust_guard.install(app, {"crm.events"})
+    consumer = app.consumer
+    tp = TP("crm.events", 5)
+    monkeypatch.setattr(consumer, "seek", lambda partition, offset: asyncio.sleep(0))
+    get_read_offset = consumer._read_offset.__getitem__  # bound once, as Faust's loop does
+    set_read_offset = consumer._read_offset.__setitem__
+    passed: list[int] = []
+
+    def fetch_loop(*offsets: int) -> None:  # the check in Consumer._drain_messages
+        for offset in offsets:
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                passed.append(offset)
+                set_read_offset(tp, offset)
+
+    fetch_loop(30, 31, 32, 33, 34, 35)
+    asyncio.run(faust_guard.seek_back(consumer, tp, 32))  # 32..35 were dropped after they passed
+    fetch_loop(36, 37)  # fetched before the seek
+    fetch_loop(32, 33, 34, 35, 36, 37, 38)  # read again
+    assert passed == [30, 31, 32, 33, 34, 35, 36, 37, 32, 33, 34, 35, 36, 37, 38]
+    # Once the agent has the record sought back to, old records are dropped as before.
+    consumer._read_offset.reached(tp, 32)
+    fetch_loop(33)
+    assert passed[-1] == 38
+    assert consumer._read_offset.get(tp) == 38 and consumer._read_offset.get(TP("crm.events", 9)) is None

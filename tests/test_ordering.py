@@ -92,16 +92,6 @@ def _bad_records_in_the_ordering_topics(settings, endpoint_id: str, rid: str) ->
     assert p.flush(20) == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known bug, issue #18 stays open: in 1 of 3 clean-clone CI dry runs (2026-11-28, 436cb0d) the "
-        "immediate ordered endpoint /other got resource A as [2, 3, 4, 1] while the second worker "
-        "joined at start (nothing fails on /other): A1's delivery reached the ordered path after "
-        "A2..A4. Suspected: the fan-out re-publishing A1's delivery after its start-up rebalance, so "
-        "it lands behind A2..A4 in webhooks.deliveries. Kept running so it is seen; fix, then drop"
-    ),
-)
 def test_one_resource_waits_for_its_failing_delivery_across_retries_and_a_rebalance(
     settings, receiver, workers
 ) -> None:

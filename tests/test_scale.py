@@ -4,6 +4,10 @@ What is proven (SPEC §5, at-least-once):
 - immediate and async: every event produced is delivered to each endpoint (the set of event ids
   received equals the set produced); duplicates (a record re-read after a rebalance) are counted,
   allowed, and reported, and carry the same delivery id as the first delivery of that event.
+- the fan-out keeps each resource's order across both handovers: in `webhooks.deliveries` the
+  first delivery of each event of a resource comes after the first delivery of the event before it
+  (a record re-read after a rebalance may repeat deliveries, never overtake them). Ordered delivery
+  per resource (app/ordering.py) starts from this order.
 - smart: bursts on a few resources straddle both handovers (B joining, A leaving on SIGTERM). The
   pending items live in a changelogged table and flush markers travel in the resource's own
   partition, behind every event produced before them, so a burst whose saves are closer than the
@@ -24,9 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from app import route
 from app.config import Settings
+from app.delivery import Delivery
 from app.producer import Producer
-from tests.helpers import metric_value, parse_metrics, register
+from tests.helpers import metric_value, parse_metrics, read_to_end, register
 from tests.receiver import Receiver
 from tests.workers import OUTPUT, WorkerProcess
 
@@ -106,7 +112,7 @@ def test_second_worker_joins_first_leaves_nothing_lost(
     settings: Settings, receiver: Receiver, workers
 ) -> None:
     register(settings, receiver, "/immediate", "invoice.*", "immediate")
-    register(settings, receiver, "/async", "invoice.*", "async")
+    async_ep = register(settings, receiver, "/async", "invoice.*", "async")
     register(settings, receiver, "/smart", "ticket.*", "smart")
     env = {"WEBHOOKS_SMART_WINDOW": WINDOW, "WEBHOOKS_SMART_MAX_WAIT": "120s"}
     data = OUTPUT / "faust-data" / f"{settings.topic_prefix}scale"
@@ -193,6 +199,19 @@ def test_second_worker_joins_first_leaves_nothing_lost(
         renamed = {e: d for e, d in ids_per_event.items() if len(d) > 1}
         assert not renamed, f"{path}: duplicates must carry the same delivery id: {renamed}"
         report.append(f"{path}: {len(expected)} events, {sum(got.values()) - len(got)} duplicate deliveries")
+
+    # The fan-out's output order per resource: each event's first delivery to the async endpoint
+    # in `webhooks.deliveries` (one partition per resource) comes after its predecessor's.
+    first_seen: dict[str, list[int]] = {}
+    for m in read_to_end(settings, route.DELIVERIES):
+        d = Delivery.decode(m.value())
+        if d.endpoint_id == async_ep.id:
+            seqs = first_seen.setdefault(d.resource_key, [])
+            if int(d.data["seq"]) not in seqs:
+                seqs.append(int(d.data["seq"]))
+    overtaken = {k: v for k, v in first_seen.items() if v != sorted(v)}
+    assert not overtaken, f"the fan-out published a resource's events out of order: {overtaken}"
+    assert sum(len(v) for v in first_seen.values()) == len(expected)
 
     smart: dict[str, dict[str, dict]] = {}
     for r in receiver.received("/smart"):
