@@ -263,3 +263,36 @@ def test_two_copies_of_one_delivery_at_once_make_one_request() -> None:
 
     asyncio.run(run())
     assert SlowOk.calls == 1
+
+
+def test_a_batch_whose_queueing_stalls_answers_the_rest_503_and_keeps_their_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """POST /api/events with an array: when the producer's queue stays full (Kafka away) past the
+    deadline, what was queued is acknowledged, the rest is answered 503 (send again) and not queued
+    behind it, so no later event of a resource overtakes one that was not written; refused items
+    keep their own 400 in their place."""
+    import asyncio
+
+    from app.admin import ingest
+
+    monkeypatch.setattr(ingest, "KAFKA_TIMEOUT", 0.2)
+    queued: list[str] = []
+
+    class StallingOutbox:  # librdkafka's queue takes two records, then stays full
+        async def send(self, topic: str, key: str, raw: bytes) -> asyncio.Future[None]:
+            if len(queued) == 2:
+                await asyncio.sleep(3600)
+            queued.append(key)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+    items = [{"event": "invoice.updated", "resource_id": n} for n in range(5)]
+    items.insert(1, {"event": "no.such.event", "resource_id": 1})
+    doc = asyncio.run(ingest.ingest_batch(StallingOutbox(), items, 1 << 20))
+    assert [r["status"] for r in doc["results"]] == [202, 400, 202, 503, 503, 503]
+    assert [r["index"] for r in doc["results"]] == list(range(6))
+    assert queued == ["invoice:0", "invoice:1"]
+    assert (doc["accepted"], doc["refused"], doc["retry"]) == (2, 1, 3)
+    assert "send it again" in doc["results"][3]["error"]

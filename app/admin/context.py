@@ -69,8 +69,9 @@ class AdminContext:
     async def acked(self, topic: str, key: str, value: Any) -> None:
         """Write one record through the worker's producer and wait for Kafka's acknowledgement."""
         try:
-            fut = await asyncio.wait_for(self.components.outbox.send(topic, key, value), KAFKA_TIMEOUT)
-            await asyncio.wait_for(fut, KAFKA_TIMEOUT)
+            # One deadline, no task per wait (asyncio.wait_for makes one: 2 per single-event POST).
+            async with asyncio.timeout(KAFKA_TIMEOUT):
+                await (await self.components.outbox.send(topic, key, value))
         except (TimeoutError, OSError) as exc:
             raise ApiError(503, "Kafka did not acknowledge the write; try again") from exc
         except PublishError as exc:
