@@ -7,6 +7,7 @@ detail, and the caller parks the record on `crm.events.invalid`.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -68,9 +69,22 @@ def new_event_id() -> str:
     return "evt_" + secrets.token_urlsafe(16)
 
 
+_SECOND: tuple[int, str] = (-1, "")  # the last whole second formatted (strftime is dear: per event)
+
+
 def now_rfc3339(ts: float | None = None) -> str:
-    dt = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """`ts` (default: now) as RFC 3339 UTC with milliseconds, e.g. 2026-11-28T02:06:27.123Z."""
+    global _SECOND
+    frac, whole = math.modf(time.time() if ts is None else ts)  # as datetime.fromtimestamp rounds
+    micros, second = round(frac * 1_000_000), int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    rest = micros
+    if _SECOND[0] != second:
+        _SECOND = (second, datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_SECOND[1]}{rest // 1000:03d}Z"
 
 
 def parse_rfc3339(text: str) -> float:

@@ -296,3 +296,17 @@ def test_a_batch_whose_queueing_stalls_answers_the_rest_503_and_keeps_their_orde
     assert queued == ["invoice:0", "invoice:1"]
     assert (doc["accepted"], doc["refused"], doc["retry"]) == (2, 1, 3)
     assert "send it again" in doc["results"][3]["error"]
+
+
+def test_event_timestamps_are_rfc3339_utc_milliseconds_as_datetime_writes_them() -> None:
+    """`occurred_at` of ingested events: the per-second cache gives what datetime would."""
+    import time
+    from datetime import UTC, datetime
+
+    from app.events import now_rfc3339, parse_rfc3339
+
+    for ts in (0.0, 1.5, 1764295587.9995, 1764295587.0004999, 1764295588.999999, 3817693174.0289993, 1e9 + 0.123):
+        dt = datetime.fromtimestamp(ts, tz=UTC)
+        assert now_rfc3339(ts) == dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z", ts
+    assert now_rfc3339(1764295587.25) == "2025-11-28T02:06:27.250Z"
+    assert abs(parse_rfc3339(now_rfc3339()) - time.time()) < 5
