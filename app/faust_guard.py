@@ -45,6 +45,12 @@ refuses to start the worker otherwise, instead of raising inside Faust's rebalan
   records read again were dropped as old. A partition sought back keeps its read offset at the
   seek's offset until the agent has the record there.
 
+- `_hand_over_without_tasks` (CPU, not records): Faust's fetch loop hands each record to the
+  agents through mode's `Service.wait_first(callback, suspend_flow.wait())`, which makes four tasks
+  and an `asyncio.wait` per record so that a rebalance's `stop_flow` can interrupt a hand-over that
+  waits (a full agent queue). The hand-over is now awaited directly and `stop_flow` cancels it when
+  it is under way: the same outcome (the record is dropped as before, and read again by the repairs
+  above) without a task per record.
 - `_lazy_commit_tables` (CPU, not records): `Consumer._commit_offsets` renders a terminal table of
   the offsets (terminaltables) on every commit, 5 a second, for a `dev`-level log line that is never
   printed: 45 % of the commits' CPU in docs/performance.md 5.1. The table is now rendered only if
@@ -84,6 +90,9 @@ PRIVATES = (
     ("app.consumer", "_unacked_messages"),
     ("app.consumer", "_read_offset"),  # replaced by a ReadOffsets (its fetch loop's check)
     ("app.consumer", "perform_seek"),  # its seek to the committed offsets, followed by InOrder
+    ("app.consumer", "wait_first"),  # the fetch loop's hand-over (mode's Service.wait_first)
+    ("app.consumer", "stop_flow"),
+    ("app.consumer", "suspend_flow"),
     ("app.flow_control", "_queues"),
     ("app.flow_control", "resume"),
     ("asyncio.Queue()", "_queue"),  # FlowControlQueue's items
@@ -147,6 +156,7 @@ def install(app: faust.App, streams: set[str]) -> InOrder:
     _track_commits()
     _reseek_after_flow_resume(app, streams, in_order)
     _lazy_commit_tables()
+    _hand_over_without_tasks(app.consumer)
     stalled: dict[Any, int] = {}
 
     @app.timer(REREAD_INTERVAL)
@@ -274,6 +284,56 @@ def _in_order_from_the_commit(app: faust.App, in_order: InOrder) -> None:
         in_order.expect_committed()
 
     consumer.perform_seek = perform_seek_in_order  # type: ignore[method-assign]
+
+
+def _hand_over_without_tasks(consumer: Any) -> None:
+    """CPU: the fetch loop's `wait_first(callback(message), suspend_flow.wait())` without a task per
+    record. The callback is awaited in the fetch loop's own task; `stop_flow` cancels that await if
+    it is under way (what `suspend_flow` winning the race did), and the call returns as it did then.
+    Anything else (another caller, the flow already stopped) goes to mode's `wait_first`."""
+    from mode.services import WaitResults
+
+    wait_first, stop_flow = consumer.wait_first, consumer.stop_flow
+    suspend_flow = consumer.suspend_flow
+    event_wait = asyncio.Event.wait.__code__
+    under_way: dict[str, asyncio.Task[Any] | None] = {"step": None, "stopped": None}
+
+    def stop_flow_interrupting() -> None:
+        stop_flow()
+        task = under_way["step"]
+        if task is not None and not task.done():
+            under_way["stopped"] = task
+            task.cancel()
+
+    async def wait_first_inline(*coros: Any, timeout: Any = None) -> Any:
+        if (
+            len(coros) != 2
+            or timeout is not None
+            or suspend_flow.is_set()
+            or under_way["step"] is not None
+            or getattr(coros[1], "cr_code", None) is not event_wait
+            or coros[1].cr_frame.f_locals.get("self") is not suspend_flow
+        ):
+            return await wait_first(*coros, timeout=timeout)
+        work, suspended = coros
+        suspended.close()  # never awaited: stop_flow interrupts instead
+        task = asyncio.current_task()
+        under_way["step"] = task
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            if under_way["stopped"] is not task:
+                raise  # the fetcher itself is being stopped or cancelled
+            under_way["stopped"] = None
+            if task is not None:
+                task.uncancel()
+            return WaitResults([], [], False)  # the flow stopped first: the record is dropped
+        finally:
+            under_way["step"] = None
+        return WaitResults([work], [result], False)
+
+    consumer.stop_flow = stop_flow_interrupting
+    consumer.wait_first = wait_first_inline
 
 
 def _reseek_after_flow_resume(app: faust.App, streams: set[str], in_order: InOrder) -> None:
