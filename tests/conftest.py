@@ -1,6 +1,8 @@
-"""Shared fixtures: one real Kafka broker per test session, a fresh topic prefix per test.
+"""Shared fixtures: one real Kafka broker per test run, a fresh topic prefix per test.
 
-Set PERFEX_TEST_BOOTSTRAP=host:port to run against a broker you already have.
+Under xdist (scripts/test) the controller starts the one broker and every test process uses it;
+a run without xdist starts its own. Set PERFEX_TEST_BOOTSTRAP=host:port to run against a broker
+you already have.
 """
 
 from __future__ import annotations
@@ -23,14 +25,51 @@ class BrokerHandle:
     def __init__(self, bootstrap: str, log_file: Path | None, local=None) -> None:
         self.bootstrap = bootstrap
         self.log_file = log_file
-        self.local = local  # the LocalBroker when the session started one (fault tests restart it)
+        self.local = local  # the suite's LocalBroker (None: PERFEX_TEST_BOOTSTRAP); its dir is used by
+        # tests that start a broker of their own beside it
 
 
 _broker: BrokerHandle | None = None
+_shared = None  # the controller's LocalBroker, shared by its test processes
+SHARED_DIR = "perfex_broker_dir"  # workerinput key: the shared broker's data directory
+BROKER_READY_TIMEOUT = 180.0  # seconds; a deadline: a JVM start on a loaded machine
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return (
+        getattr(config.option, "dist", "no") != "no"
+        and bool(getattr(config.option, "tx", None))
+        and not hasattr(config, "workerinput")
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist the controller launches one broker for all its test processes: a broker per
+    process cost each of them a JVM start (half a minute on a busy machine, before its first Kafka
+    test) and kept two more JVMs busy beside the tests. The tests keep apart by their prefixes.
+    launch() returns once the storage is formatted; each process waits for it to answer (kafka)."""
+    global _shared
+    if os.environ.get("PERFEX_TEST_BOOTSTRAP") or not _xdist_controller(config):
+        return
+    from devtools.local_broker import LocalBroker
+
+    _shared = LocalBroker(OUTPUT / "kafka" / uuid.uuid4().hex[:8])
+    _shared.launch()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # type: ignore[no-untyped-def]  # xdist's WorkerController
+    if _shared is not None:
+        node.workerinput[SHARED_DIR] = str(_shared.dir)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _shared is not None:
+        _shared.stop()
 
 
 @pytest.fixture(scope="session")
-def kafka() -> Iterator[BrokerHandle]:
+def kafka(request: pytest.FixtureRequest) -> Iterator[BrokerHandle]:
     global _broker
     external = os.environ.get("PERFEX_TEST_BOOTSTRAP")
     if external:
@@ -39,8 +78,15 @@ def kafka() -> Iterator[BrokerHandle]:
         return
     from devtools.local_broker import LocalBroker
 
-    data = OUTPUT / "kafka" / uuid.uuid4().hex[:8]
-    broker = LocalBroker(data)
+    shared = getattr(request.config, "workerinput", {}).get(SHARED_DIR)
+    if shared:
+        # The controller's broker (its ports are kept beside its data): wait for it, never stop it.
+        broker = LocalBroker(shared)
+        broker.wait_ready(BROKER_READY_TIMEOUT)
+        _broker = BrokerHandle(broker.bootstrap, broker.log_file, broker)
+        yield _broker
+        return
+    broker = LocalBroker(OUTPUT / "kafka" / uuid.uuid4().hex[:8])
     broker.start()
     _broker = BrokerHandle(broker.bootstrap, broker.log_file, broker)
     try:
@@ -70,25 +116,76 @@ def settings(kafka: BrokerHandle, prefix: str) -> Iterator[Settings]:
     delete_topics(kafka.bootstrap, prefix)
 
 
+# Seconds each module keeps its test process busy (a full `scripts/test` run on the 2-core machine,
+# 2026-11-28, its Kafka modules less the broker start they no longer pay). Only the order they give
+# matters: see pytest_collection_modifyitems. A module not listed is estimated from its markers.
+MODULE_SECONDS = {
+    "test_faults": 420,
+    "test_containers": 220,
+    "test_retry": 145,
+    "test_privilege": 135,
+    "test_dashboards": 105,
+    "test_browser": 105,
+    "test_failover": 80,
+    "test_bench_smoke": 80,
+    "test_delivery": 80,
+    "test_filters_throttle": 75,
+    "test_security": 65,
+    "test_admin": 60,
+    "test_registry_versions": 55,
+    "test_ordering": 50,
+    "test_poison": 50,
+    "test_scale": 45,
+    "test_stop": 45,
+    "test_local_broker": 45,
+    "test_crash": 40,
+    "test_health": 40,
+    "test_codecs": 35,
+    "test_rotation": 35,
+    "test_kafka_io": 30,
+    "test_safe_default": 30,
+    "test_dropin": 30,
+    "test_hung": 30,
+    "test_perfex": 30,
+    "test_hostile": 30,
+    "test_signing": 30,
+    "test_topic_health": 30,
+    "test_foundation": 25,
+    "test_dlq_index": 20,
+    "test_replication": 20,
+    "test_metrics": 20,
+}
+SECONDS_PER_TEST = {"heavy": 40.0, "kafka": 5.0, "other": 0.1}  # the estimate of an unlisted module
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A slow fault test gets SLOW_TIMEOUT instead of the suite's per-test timeout, so its own
     deadlines (a broker restart, a SIGKILL and catch-up) fail with their message, not a timeout.
 
-    Modules run heaviest first (slow and container tests, then Kafka tests): `--dist loadfile` hands modules to
-    the test processes in this order, so the long ones start early and the quick ones fill the
-    gaps at the end instead of one long module finishing alone."""
+    Modules run longest first (MODULE_SECONDS): `--dist loadfile --no-loadscope-reorder`
+    (scripts/test) hands modules to the test processes in this order, each to the first process
+    free, so the long ones start early and the quick ones fill the gaps at the end instead of one
+    long module finishing alone. (xdist's own order, most tests first, put the one-test fault
+    modules last.)"""
     _unique_node_ids(items)
-    weight: dict[str, int] = {}
+    estimate: dict[str, float] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
         slow = item.get_closest_marker("slow") is not None
         if slow and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
-        heavy = slow or item.get_closest_marker("containers") is not None
-        kafka = item.get_closest_marker("kafka") is not None
-        weight[module] = weight.get(module, 0) + 10 * heavy + kafka
-    # Stable: equal weights keep their collection order (every process computes the same order).
-    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])
+        if slow or item.get_closest_marker("containers") is not None:
+            kind = "heavy"
+        else:
+            kind = "kafka" if item.get_closest_marker("kafka") is not None else "other"
+        estimate[module] = estimate.get(module, 0.0) + SECONDS_PER_TEST[kind]
+
+    def seconds(item: pytest.Item) -> float:
+        module = item.nodeid.split("::")[0]
+        return MODULE_SECONDS.get(Path(module).stem, estimate[module])
+
+    # Stable: equal estimates keep their collection order (every process computes the same order).
+    items.sort(key=lambda item: -seconds(item))
 
 
 def _unique_node_ids(items: list[pytest.Item]) -> None:

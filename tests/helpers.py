@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,7 @@ from app.config import Settings
 from app.endpoints import Endpoint, create_endpoint
 from app.netguard import parse_allowed_targets
 from app.producer import Producer
+from devtools.local_broker import CLUSTER_JVM, LocalBroker, class_archive
 from tests.receiver import Receiver, Reply, allowed_targets
 from tests.workers import WorkerProcess
 
@@ -79,6 +81,19 @@ def register_known(
 def with_receivers(settings: Settings) -> Settings:
     """settings whose SSRF guard also lets through the test receivers made so far."""
     return replace(settings, allowed_targets=settings.allowed_targets | parse_allowed_targets(allowed_targets()))
+
+
+def private_broker(data_dir: Path) -> LocalBroker:
+    """A broker of a test's own, beside the suite's, for a test that stops, kills or restarts it.
+    It runs with a cluster node's JVM (CLUSTER_JVM: C1 only, one GC thread, the class archive when
+    one is built): its start costs a third of the CPU of the suite broker's, on a machine the other
+    test processes share, and a test's few thousand records a second need no more."""
+    broker = LocalBroker(data_dir)
+    broker.jvm_options = list(CLUSTER_JVM)
+    archive = class_archive(build=False)  # building one takes minutes: only if there is one
+    if archive is not None:
+        broker.jvm_options.append(f"-XX:SharedArchiveFile={archive}")
+    return broker
 
 
 # ---- tools the suite needs: never a silent skip in CI ---------------------------------------------

@@ -13,16 +13,14 @@ import pytest
 from app.config import Settings
 from app.producer import Producer
 from app.topics import apply
-from tests.helpers import register
+from tests.helpers import private_broker, register
 from tests.workers import OUTPUT, WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 def test_sigterm_with_the_broker_gone_ends_the_worker_within_15_s(receiver) -> None:
-    from devtools.local_broker import LocalBroker
-
-    broker = LocalBroker(OUTPUT / "kafka" / f"gone-{uuid.uuid4().hex[:8]}")
+    broker = private_broker(OUTPUT / "kafka" / f"gone-{uuid.uuid4().hex[:8]}")
     broker.start()
     worker: WorkerProcess | None = None
     try:
