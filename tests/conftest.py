@@ -117,10 +117,10 @@ def settings(kafka: BrokerHandle, prefix: str) -> Iterator[Settings]:
 
 
 # Seconds each module keeps its test process busy (a full `scripts/test` run on the 2-core machine,
-# 2026-11-28, its Kafka modules less the broker start they no longer pay). Only the order they give
+# 2026-11-28, less what the shared broker and the private brokers' light JVM saved). Only the order they give
 # matters: see pytest_collection_modifyitems. A module not listed is estimated from its markers.
 MODULE_SECONDS = {
-    "test_faults": 420,
+    "test_faults": 300,
     "test_containers": 220,
     "test_retry": 145,
     "test_privilege": 135,
@@ -136,7 +136,7 @@ MODULE_SECONDS = {
     "test_ordering": 50,
     "test_poison": 50,
     "test_scale": 45,
-    "test_stop": 45,
+    "test_stop": 40,
     "test_local_broker": 45,
     "test_crash": 40,
     "test_health": 40,
