@@ -117,11 +117,11 @@ def settings(kafka: BrokerHandle, prefix: str) -> Iterator[Settings]:
 
 
 # Seconds each module keeps its test process busy (a full `scripts/test` run on the 2-core machine,
-# 2026-11-28, less what the shared broker and the private brokers' light JVM saved). Only the order
+# 2026-11-28, less what the shared broker and test_stop's light JVM saved). Only the order
 # they give matters: see pytest_collection_modifyitems. A module not listed is estimated from its
 # markers (SECONDS_PER_TEST).
 MODULE_SECONDS = {
-    "test_faults": 300,
+    "test_faults": 420,
     "test_containers": 220,
     "test_retry": 145,
     "test_privilege": 135,

@@ -23,7 +23,7 @@ from aiohttp import web
 from app.config import Settings
 from app.dlq import read_view
 from app.events import build_event
-from tests.helpers import eventually, metric, missing, private_broker, register, settle
+from tests.helpers import eventually, metric, missing, register, settle
 from tests.receiver import Received, Receiver, Reply
 from tests.workers import WorkerProcess
 
@@ -311,8 +311,9 @@ def test_broker_restart_while_events_flow_loses_nothing(kafka, prefix, receiver)
     # A broker of its own: the session's broker holds every test's topics, and restarting it would
     # stall the other tests of this process for as long as it takes to reload them.
     from app.topics import apply
+    from devtools.local_broker import LocalBroker
 
-    broker = private_broker(kafka.local.dir.parent / f"restart-{prefix.strip('.')}").start()
+    broker = LocalBroker(kafka.local.dir.parent / f"restart-{prefix.strip('.')}").start()
     settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "WEBHOOKS_TOPIC_PREFIX": prefix})
     apply(settings)
     register(settings, receiver, "/b", "lead.*", "async")
