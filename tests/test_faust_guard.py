@@ -209,3 +209,49 @@ def test_records_read_again_after_a_seek_back_pass_fausts_check_on_old_records(
     fetch_loop(33)
     assert passed[-1] == 38
     assert consumer._read_offset.get(tp) == 38 and consumer._read_offset.get(TP("crm.events", 9)) is None
+
+
+def test_the_fetch_loops_hand_over_is_interrupted_by_stop_flow_as_before() -> None:
+    """`_hand_over_without_tasks`: Faust's fetch loop calls `wait_first(callback(message),
+    suspend_flow.wait())` per record. The callback's result comes back as before without mode's four
+    tasks; a hand-over still waiting when a rebalance calls `stop_flow` is cancelled and the call
+    returns (the record is dropped, as when the flow event won the race); any other call, or one
+    made while the flow is stopped, goes to mode's `wait_first` (not run here: it needs the service's
+    own loop)."""
+    import asyncio
+
+    app = _app()
+    faust_guard.install(app, {"crm.events"})
+    consumer = app.consumer
+
+    async def scenario() -> None:
+        async def handed_over() -> str:
+            return "queued"
+
+        done = await consumer.wait_first(handed_over(), consumer.suspend_flow.wait())
+        assert (done.done, done.results, done.stopped) == ([done.done[0]], ["queued"], False)
+
+        full = asyncio.Event()
+        cancelled: list[bool] = []
+
+        async def blocked_on_a_full_queue() -> None:
+            try:
+                await full.wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        step = asyncio.ensure_future(consumer.wait_first(blocked_on_a_full_queue(), consumer.suspend_flow.wait()))
+        await asyncio.sleep(0.01)
+        assert not step.done()
+        consumer.stop_flow()  # a rebalance starts
+        result = await asyncio.wait_for(step, 2)
+        assert cancelled == [True] and result.results == [] and not result.stopped
+        assert consumer.suspend_flow.is_set()
+        assert not step.cancelled()  # the fetch loop's task goes on: only the hand-over was cancelled
+        # The flow resumes: hand-overs go on as before.
+        consumer.resume_flow()
+        done = await consumer.wait_first(handed_over(), consumer.suspend_flow.wait())
+        assert done.results == ["queued"]
+
+    asyncio.run(scenario())
