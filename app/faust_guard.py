@@ -330,6 +330,9 @@ def _hand_over_without_tasks(consumer: Any) -> None:
             return WaitResults([], [], False)  # the flow stopped first: the record is dropped
         finally:
             under_way["step"] = None
+        if under_way["stopped"] is task and task is not None:  # the callback swallowed the cancel
+            under_way["stopped"] = None
+            task.uncancel()
         return WaitResults([work], [result], False)
 
     consumer.stop_flow = stop_flow_interrupting
