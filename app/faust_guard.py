@@ -154,7 +154,7 @@ def install(app: faust.App, streams: set[str]) -> InOrder:
     _in_order_from_the_commit(app, in_order)
     _commit_only_acked(streams)
     _track_commits()
-    _reseek_after_flow_resume(app, streams, in_order)
+    _reseek_after_flow_resume(app, streams)
     _lazy_commit_tables()
     _hand_over_without_tasks(app.consumer)
     stalled: dict[Any, int] = {}
@@ -339,10 +339,9 @@ def _hand_over_without_tasks(consumer: Any) -> None:
     consumer.wait_first = wait_first_inline
 
 
-def _reseek_after_flow_resume(app: faust.App, streams: set[str], in_order: InOrder) -> None:
-    """faust-streaming #596: re-read the records a flow-control queue clear dropped, from the first
-    record the agent has not had (`in_order`): one dropped while handed over, before the queued ones,
-    is read again in its place."""
+def _reseek_after_flow_resume(app: faust.App, streams: set[str]) -> None:
+    """faust-streaming #596: re-read the records a flow-control queue clear dropped (one dropped
+    while handed over, before them, is caught by `InOrder`)."""
     flow = app.flow_control
     resume = flow.resume
     tasks: set[asyncio.Task[None]] = set()
@@ -383,10 +382,6 @@ def _reseek_after_flow_resume(app: faust.App, streams: set[str], in_order: InOrd
                 if msg is None or msg.topic not in streams or msg.generation_id != generation:
                     continue
                 queued[msg.tp] = min(queued.get(msg.tp, msg.offset), msg.offset)
-        for tp, offset in queued.items():
-            expected = in_order.expected.get(tp)
-            if expected is not None and expected < offset:
-                queued[tp] = expected
         resume()
         task = asyncio.ensure_future(reseek(queued))
         tasks.add(task)
@@ -487,9 +482,9 @@ class InOrder:
     """faust-streaming #596, at the fan-out agent: a stream partition's records are handled in
     offset order, none after a record the agent never had.
 
-    `expected[tp]` is the offset of the next record the agent needs: one past the last it handled
-    since the partition was assigned (the first one after an assignment sets it: reading starts at
-    the committed offset, which Faust's own book does not know yet at that point). A record past it means
+    `expected[tp]` is the offset of the next record the agent needs: one past the last it handled,
+    or the committed offset once Faust has sought there after an assignment (`expect_committed`;
+    before that, the first record sets it). A record past it means
     Faust dropped the ones between (a rebalance's hand-over or queue clear): it is not handled, the
     partition is sought back to `expected`, and the records read past it come again in order. A
     record at or below it is handled (the next one, or one read again after a seek back).
@@ -507,7 +502,6 @@ class InOrder:
         self.expected: dict[Any, int] = {}
         # tp -> (offset sought back to, highest offset seen since the seek, when it was made)
         self._sought: dict[Any, tuple[int, int, float]] = {}
-        self.sought_back = 0  # seeks made (a counter for tests and logs)
 
     def expect_committed(self) -> None:
         """Faust has just sought every assigned partition to its committed offset."""
@@ -528,10 +522,8 @@ class InOrder:
         now = asyncio.get_running_loop().time()
         for tp, (offset, _, at) in list(self._sought.items()):
             if now - at >= self.RESEEK_AFTER and self.expected.get(tp) == offset:
-                self._sought[tp] = (offset, offset, now)
-                self.sought_back += 1
                 log.info("fan-out: %s:%s read again from %d (not come yet)", tp.topic, tp.partition, offset)
-                await seek_back(self.app.consumer, tp, offset)
+                await self._seek_back(tp, offset, offset, now)
 
     def forget(self, tps: Any) -> None:
         for tp in tps:
@@ -580,7 +572,9 @@ class InOrder:
             "reading again from %d",
             tp.topic, tp.partition, offset, expected, offset - 1, expected,
         )
-        self._sought[tp] = (expected, offset, loop.time())
-        self.sought_back += 1
-        await seek_back(self.app.consumer, tp, expected)
+        await self._seek_back(tp, expected, offset, loop.time())
         return False
+
+    async def _seek_back(self, tp: Any, offset: int, highest: int, now: float) -> None:
+        self._sought[tp] = (offset, highest, now)
+        await seek_back(self.app.consumer, tp, offset)
