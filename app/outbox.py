@@ -9,6 +9,8 @@ hand-over between threads, nothing polled when nothing is pending.
 
 `send` returns once the record is queued and hands back a future for the broker's acknowledgement;
 callers that must not lose the record (a tier move before its source offset is committed) await it.
+A worker has two: the hot path's batches records for 20 ms (throughput), and a `prompt` one for
+writes an HTTP caller waits on (`POST /api/events`, admin writes), which sends at once.
 The partitioner is murmur2_random, the same as the Java client, aiokafka and `emit`.
 """
 
@@ -58,8 +60,16 @@ class PublishError(Exception):
 
 
 class Outbox:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, prompt: bool = False) -> None:
+        """`prompt`: no linger and reports served every 1 ms, for writes a caller is waiting on.
+        The 20 ms linger was a POST /api/events' whole latency (26.5 ms p50 against 8.0 with none,
+        sequential, docs/performance.md 10), and with a client's requests in flight its rate."""
         self.settings = settings
+        self.prompt = prompt
+        self._linger_ms = 0 if prompt else 20
+        # uvloop's timers count whole milliseconds: a shorter delay is 0, a busy loop (2,065 polls
+        # per publish at 0.5 ms).
+        self._poll_s = 0.001 if prompt else 0.002
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = 0  # records produced with a future and not yet reported
@@ -84,8 +94,9 @@ class Outbox:
                     "partitioner": "murmur2_random",
                     # Batches of ~20 ms: async throughput 0.41-0.44 -> 0.48-0.71 of the bare client
                     # against 2 ms (docs/performance.md). No caller's latency waits on it but async and
-                    # smart deliveries, retry moves and admin writes, for which 20 ms is nothing.
-                    "linger.ms": 20,
+                    # smart deliveries and retry moves; what an HTTP caller waits on is `prompt`.
+                    "linger.ms": self._linger_ms,
+                    "socket.nagle.disable": True,  # as app/producer.py: no wait for a TCP ACK
                     "message.max.bytes": largest_record_bytes(self.settings),
                     # A record not acked in this long fails its future; `publish` then sends it again.
                     "message.timeout.ms": 30_000,
@@ -160,8 +171,9 @@ class Outbox:
         served = self._producer.poll(0)  # runs the report callbacks for every record acked since
         if self._pending > 0 or len(self._producer) > 0:
             # Busy: look again soon. Acks come in batches (linger.ms), so 2 ms costs no latency
-            # that matters and keeps the polling cheap.
-            self._schedule_poll(0.0005 if served else 0.002)
+            # that matters and keeps the polling cheap; after a poll that served some, at the
+            # loop's next turn (uvloop makes 0.5 ms 0), as more of the batch may be in.
+            self._schedule_poll(0.0005 if served else self._poll_s)
 
     def _report(self, fut: asyncio.Future[Any], err: Any, msg: Any, producer: Producer) -> None:
         self._pending -= 1
@@ -200,7 +212,7 @@ class Outbox:
             try:
                 producer.produce(name, raw, key, **kw)
                 self._pending += 1
-                self._schedule_poll(0.002)
+                self._schedule_poll(self._poll_s)
                 return fut
             except BufferError:  # librdkafka's queue is full: let it drain (backpressure)
                 await asyncio.sleep(0.005)
@@ -232,7 +244,7 @@ class Outbox:
             try:
                 producer.produce(name, value, key, on_delivery=report)
                 self._pending += 1
-                self._schedule_poll(0.002)
+                self._schedule_poll(self._poll_s)
                 return
             except BufferError:  # librdkafka's queue is full: let it drain (backpressure)
                 await asyncio.sleep(0.005)
@@ -259,7 +271,7 @@ class Outbox:
         except KafkaException as exc:
             log.warning("attempt log record refused: %s", exc)
             return
-        self._schedule_poll(0.002)
+        self._schedule_poll(self._poll_s)
 
     async def send_and_wait(self, topic: str, key: str | bytes | None, value: Any, **kw: Any) -> Any:
         return await (await self.send(topic, key, value, **kw))

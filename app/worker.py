@@ -43,6 +43,7 @@ class Components:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.outbox = Outbox(settings)
+        self.prompt_outbox = Outbox(settings, prompt=True)  # what an HTTP caller waits on
         self.sender = HttpSender(settings)
         self.registry = Registry(settings, on_change=self._count_endpoints)
         self.dispatcher = Dispatcher(settings, self.registry, self.sender, self.outbox)
@@ -62,6 +63,7 @@ class Components:
 
     async def start(self) -> None:
         await self.outbox.start()
+        await self.prompt_outbox.start()
         await self.sender.start()
         await self.registry.start()
         await asyncio.wait_for(self.registry.ready.wait(), 60)
@@ -116,7 +118,7 @@ class Components:
             log.exception("stopping the delivery agent")
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=self.settings.delivery_timeout + 2)
-        for part in (self.web, self.tiers, self.registry, self.sender, self.outbox):
+        for part in (self.web, self.tiers, self.registry, self.sender, self.outbox, self.prompt_outbox):
             if part is None:
                 continue
             try:

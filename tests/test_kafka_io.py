@@ -63,6 +63,40 @@ def test_outbox_acks_with_the_offset_and_refuses_an_oversized_record_at_once(set
     asyncio.run(go())
 
 
+def test_a_prompt_outbox_is_acked_without_spinning_the_event_loop(settings: Settings) -> None:
+    """What an HTTP caller waits on (`POST /api/events`) goes through a producer with no linger whose
+    reports are polled every millisecond: uvloop's timers count whole milliseconds, and a shorter
+    delay made the loop poll ~2,000 times per record while the ack was out."""
+    import uvloop
+
+    apply(settings)
+
+    async def go() -> None:
+        outbox = Outbox(settings, prompt=True)
+        await outbox.start()
+        polls = 0
+        poll = outbox._poll
+
+        def counted() -> None:
+            nonlocal polls
+            polls += 1
+            poll()
+
+        outbox._poll = counted  # type: ignore[method-assign]
+        try:
+            await outbox.publish("webhooks.attempts", "ep_p", b"{}")  # connections, producer id
+            polls, started = 0, time.monotonic()
+            offsets = [await outbox.publish("webhooks.attempts", "ep_p", {"n": i}) for i in range(20)]
+            elapsed_ms = (time.monotonic() - started) * 1000
+            assert offsets == list(range(offsets[0], offsets[0] + 20))  # each acked, in order
+            # At most one poll per millisecond waited (and one per record); a busy loop is hundreds.
+            assert polls <= elapsed_ms + 2 * 20, (polls, elapsed_ms)
+        finally:
+            await outbox.stop()
+
+    uvloop.run(go())
+
+
 class HoldingDispatcher:
     """Records what it is given; the deliveries named in `held` wait until released."""
 

@@ -67,11 +67,12 @@ class AdminContext:
 
     # ---- Kafka ------------------------------------------------------------------------------------
     async def acked(self, topic: str, key: str, value: Any) -> None:
-        """Write one record through the worker's producer and wait for Kafka's acknowledgement."""
+        """Write one record through the worker's prompt producer (no linger: the caller is waiting)
+        and wait for Kafka's acknowledgement."""
         try:
             # One deadline, no task per wait (asyncio.wait_for makes one: 2 per single-event POST).
             async with asyncio.timeout(KAFKA_TIMEOUT):
-                await (await self.components.outbox.send(topic, key, value))
+                await (await self.components.prompt_outbox.send(topic, key, value))
         except (TimeoutError, OSError) as exc:
             raise ApiError(503, "Kafka did not acknowledge the write; try again") from exc
         except PublishError as exc:

@@ -55,7 +55,7 @@ class IngestRoutes:
             raise ApiError(413, f"body of {request.content_length} bytes over the {limit}-byte limit")
         doc = await read_body(request, expected="a JSON object (one event) or an array (a batch)")
         if isinstance(doc, list):
-            return json_response(await ingest_batch(self.ctx.components.outbox, doc, limit))
+            return json_response(await ingest_batch(self.ctx.components.prompt_outbox, doc, limit))
         if not isinstance(doc, dict):
             raise ApiError(400, f"body: expected a JSON object or an array, got {type(doc).__name__}")
         key, raw, value = prepare_event(doc, limit)
