@@ -8,7 +8,9 @@ Kafka produce path in the same run.
   Kafka itself would pay, and the ceiling of an HTTP route in front of it;
 - single: N requests of one event each, `--concurrency` in flight, each answered 202 only once
   Kafka acknowledged its event;
-- batch: the same N events as arrays of `--batch`, 4 requests in flight, one result per item.
+- batch: the same N events as arrays of `--batch`, 4 requests in flight, one result per item;
+- sequential: `--sequential` single-event requests one at a time (one client, as the Perfex
+  module or an n8n flow sends), each request's latency (p50/p90/p99) and the worker's CPU each.
 Rates are events acknowledged per second of wall time, measured at the client; CPU per event is
 the worker process's (every thread). The client runs in this process on the same cores, and the
 worker also fans each event out (no endpoint matches: Faust reads it and acks it), so on a shared
@@ -77,6 +79,39 @@ async def _post_all(url: str, bodies: list[bytes], concurrency: int, expect: int
     return accepted
 
 
+async def _one_at_a_time(url: str, bodies: list[bytes]) -> list[float]:
+    """POST each body after the previous one was answered; each request's seconds."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    took: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for body in bodies:
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 202:
+                    raise RuntimeError(f"ingest answered HTTP {r.status}")
+            took.append(time.perf_counter() - t0)
+    return took
+
+
+def _sequential(w: BenchWorker, bodies: list[bytes]) -> dict[str, Any]:
+    wp = psutil.Process(w.pid)
+    c0 = wp.cpu_times()
+    took = sorted(asyncio.run(_one_at_a_time(f"http://127.0.0.1:{w.port}/api/events", bodies)))
+    c1 = wp.cpu_times()
+
+    def at(q: float) -> float:
+        return round(took[min(len(took) - 1, int(q * len(took)))] * 1000, 2)
+
+    return {
+        "requests": len(took),
+        "p50_ms": at(0.5),
+        "p90_ms": at(0.9),
+        "p99_ms": at(0.99),
+        "worker_cpu_ms_per_event": round((c1.user + c1.system - c0.user - c0.system) * 1000 / len(took), 3),
+    }
+
+
 def _measure(w: BenchWorker, bodies: list[bytes], concurrency: int, expect: int, events: int) -> dict[str, Any]:
     wp = psutil.Process(w.pid)
     url = f"http://127.0.0.1:{w.port}/api/events"
@@ -92,7 +127,11 @@ def _measure(w: BenchWorker, bodies: list[bytes], concurrency: int, expect: int,
 
 
 def run(
-    events: int = 10000, concurrency: int = 32, batch: int = 100, bootstrap: str | None = None
+    events: int = 10000,
+    concurrency: int = 32,
+    batch: int = 100,
+    bootstrap: str | None = None,
+    sequential: int = 500,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "events": events, "concurrency": concurrency, "batch": batch}
     single = [orjson.dumps(_item(i)) for i in range(events)]
@@ -107,6 +146,8 @@ def run(
             asyncio.run(_post_all(f"http://127.0.0.1:{w.port}/api/events", single[:200], 8, 202))  # warm-up
             result["single"] = _measure(w, single, concurrency, 202, events)
             result["batch_form"] = _measure(w, batches, 4, 200, events)
+            if sequential:
+                result["sequential"] = _sequential(w, single[:sequential])
     base = result["produce_path"]["events_per_s"]
     for k in ("single", "batch_form"):
         result[k]["share_of_produce_path"] = round(result[k]["events_per_s"] / base, 3)
@@ -119,13 +160,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--events", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=32, help="single-event requests in flight")
     ap.add_argument("--batch", type=int, default=100, help="events per batch request")
+    ap.add_argument("--sequential", type=int, default=500, help="single-event requests one at a time (0: none)")
     args = ap.parse_args(argv)
-    result = run(events=args.events, concurrency=args.concurrency, batch=args.batch)
+    result = run(events=args.events, concurrency=args.concurrency, batch=args.batch, sequential=args.sequential)
     path = save("ingest", result)
     print_result(
         "HTTP ingest (POST /api/events, 1 worker) vs the Kafka produce path",
         result,
-        ["events", "concurrency", "batch", "produce_path", "single", "batch_form", "targets"],
+        ["events", "concurrency", "batch", "produce_path", "single", "batch_form", "sequential", "targets"],
     )
     print(f"   json: {path}")
     return result

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kafka
 
 @pytest.fixture(scope="module")
 def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
-    from bench import async_throughput, hotpath, immediate_latency, ingest, memory, smart_burst
+    from bench import async_throughput, hotpath, immediate_latency, ingest, memory, produce_ack, smart_burst
 
     bs = kafka.bootstrap
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
@@ -27,7 +27,8 @@ def runs(kafka) -> dict[str, Future[dict[str, Any]]]:
         "latency": lambda: immediate_latency.run(rate=40, seconds=0.5, warmup=0.5, bootstrap=bs),
         "smart": lambda: smart_burst.run(resources=15, saves=3, window="300ms", bootstrap=bs, timeout=90),
         "memory": lambda: memory.run(endpoints=30, backlog=(10, 50), bootstrap=bs, settle=1.0),
-        "ingest": lambda: ingest.run(events=40, concurrency=4, batch=10, bootstrap=bs),
+        "produce_ack": lambda: produce_ack.run(records=5, bootstrap=bs),
+        "ingest": lambda: ingest.run(events=40, concurrency=4, batch=10, bootstrap=bs, sequential=10),
     }
     # Three at a time (two rounds): all at once beside the suite's other processes overloaded the broker.
     with ThreadPoolExecutor(3) as pool:
@@ -72,6 +73,20 @@ def test_ingest(runs) -> None:
     for form in ("single", "batch_form"):
         assert r[form]["events_per_s"] > 0 and r[form]["share_of_produce_path"] > 0
     assert r["produce_path"]["events_per_s"] > 0
+    assert r["sequential"]["requests"] == 10 and 0 < r["sequential"]["p50_ms"] <= r["sequential"]["p99_ms"]
+
+
+def test_produce_ack(runs) -> None:
+    r = runs["produce_ack"].result()  # every record acknowledged, or the run raises
+    assert set(r["variants"]) == set(produce_ack_variants())
+    for v in r["variants"].values():
+        assert 0 < v["emit"]["p50_ms"] <= v["emit"]["p99_ms"] and 0 < v["reported"]["p50_ms"]
+
+
+def produce_ack_variants() -> list[str]:
+    from bench.produce_ack import VARIANTS
+
+    return list(VARIANTS)
 
 
 def test_memory(runs) -> None:
