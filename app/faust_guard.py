@@ -55,6 +55,10 @@ refuses to start the worker otherwise, instead of raising inside Faust's rebalan
   the offsets (terminaltables) on every commit, 5 a second, for a `dev`-level log line that is never
   printed: 45 % of the commits' CPU in docs/performance.md 5.1. The table is now rendered only if
   the line is.
+- `RecoveryWatch` (a stall, not records): a table recovery that stops reading changelog records
+  never ends, and the worker's stream partitions stay paused meanwhile (once in ~20 runs of
+  tests/test_scale.py, cause not found). No progress for 15 s is logged with what the fetch loop is
+  doing; for 90 s it fails the worker, which exits, is restarted and recovers anew.
 
 Records read again are processed twice (at-least-once, same delivery ids). `committed_offset` reads
 Faust's own record of its commits for the lag gauge: there is no public accessor.
@@ -76,6 +80,8 @@ log = logging.getLogger("perfex_webhooks")
 
 WRITTEN_FOR = "0.15.3"  # the faust-streaming release these workarounds were written against
 REREAD_INTERVAL = 2.0  # seconds between looks for a dropped head record
+RECOVERY_STALL_LOG = 15.0  # a table recovery without progress this long: log what the fetch loop does
+RECOVERY_STALL_FAIL = 90.0  # ... this long: the worker fails (it exits, is restarted, recovers anew)
 
 # Per Faust consumer: the offsets a commit in progress will store (tp -> offset), see _track_commits.
 _COMMITTING: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
@@ -99,6 +105,9 @@ PRIVATES = (
     ("app", "consumer_generation_id"),
     ("faust.types.tuples.Message", "generation_id"),
     ("faust.transport.consumer", "terminal"),  # the module's `terminal.logtable` in _commit_offsets
+    ("app.tables.recovery", "in_recovery"),  # RecoveryWatch
+    ("app.tables.recovery", "active_remaining"),
+    ("app._fetcher", "_futures"),  # the fetch loop's task, whose stack a stall logs
 )
 
 
@@ -136,6 +145,8 @@ def check(app: faust.App) -> None:
         "app": lambda: app,
         "faust.types.tuples.Message": lambda: Message,
         "faust.transport.consumer": lambda: consumer_module,
+        "app.tables.recovery": lambda: app.tables.recovery,
+        "app._fetcher": lambda: app._fetcher,
     }
     missing = [f"{owner}.{attr}" for owner, attr in PRIVATES if not hasattr(owners[owner](), attr)]
     if missing:
@@ -170,6 +181,15 @@ def install(app: faust.App, streams: set[str]) -> InOrder:
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
         in_order.forget(revoked)  # Faust's rebalances revoke every partition before assigning
+
+    watch = RecoveryWatch(app)
+
+    @app.timer(1.0)
+    async def watch_recovery() -> None:
+        try:
+            watch.check()
+        except Exception:  # a safety net must not become a failure of its own
+            log.exception("watching the table recovery")
 
     return in_order
 
@@ -417,6 +437,57 @@ def _reread_dropped_heads(app: faust.App, streams: set[str], stalled: dict[Any, 
         del stalled[tp]
     for tp in set(stalled) - seen:
         del stalled[tp]
+
+
+class RecoveryWatch:
+    """A table recovery that stops making progress never ends: Faust waits for the changelog
+    records up to each partition's highwater, and the worker's stream partitions stay paused
+    meanwhile (seen once in ~20 runs of tests/test_scale.py: the worker taking over every partition
+    restored nothing for 30 s, with nothing logged). Progress is the changelog records still to
+    read; after `RECOVERY_STALL_LOG` seconds without any, what the fetch loop and the flow are doing
+    is logged once, and after `RECOVERY_STALL_FAIL` the worker fails (app/health.py): it exits, is
+    restarted, and its partitions are recovered anew, instead of staying paused for good."""
+
+    def __init__(self, app: Any, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.app = app
+        self.clock = clock or time.monotonic
+        self.progress: tuple[Any, ...] | None = None
+        self.since = 0.0
+        self.logged = False
+
+    def check(self) -> None:
+        recovery = self.app.tables.recovery
+        now = self.clock()
+        if not recovery.in_recovery:
+            self.progress, self.logged = None, False
+            return
+        remaining = {tp: n for tp, n in recovery.active_remaining().items() if n > 0}
+        progress = tuple(sorted((tp.topic, tp.partition, n) for tp, n in remaining.items()))
+        if progress != self.progress:
+            self.progress, self.since, self.logged = progress, now, False
+            return
+        stalled = now - self.since
+        if stalled >= RECOVERY_STALL_LOG and not self.logged:
+            self.logged = True
+            log.warning("table recovery: no progress for %.0f s; %s", stalled, self.describe(remaining))
+        if stalled >= RECOVERY_STALL_FAIL:
+            from app.health import HEALTH
+
+            HEALTH.fail("Faust table recovery", f"no changelog record read for {stalled:.0f} s, {len(remaining)} partitions behind")
+
+    def describe(self, remaining: Mapping[Any, int]) -> str:
+        app, consumer = self.app, self.app.consumer
+        behind = ", ".join(f"{tp.topic}:{tp.partition} {n}" for tp, n in sorted(remaining.items())[:12])
+        stacks = []
+        for fut in list(getattr(app._fetcher, "_futures", ())):
+            frames = fut.get_stack(limit=12) if isinstance(fut, asyncio.Task) else []
+            stacks.append(" <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames)) or "(no frames)")
+        return (
+            f"records behind: {behind or 'none'}; flow stopped: {consumer.suspend_flow.is_set()}; "
+            f"flow control active: {app.flow_control.is_active()}; fetch loop: {' | '.join(stacks) or 'not running'}"
+        )
 
 
 class ReadOffsets(dict):  # type: ignore[type-arg]

@@ -255,3 +255,48 @@ def test_the_fetch_loops_hand_over_is_interrupted_by_stop_flow_as_before() -> No
         assert done.results == ["queued"]
 
     asyncio.run(scenario())
+
+
+def test_a_table_recovery_without_progress_is_logged_then_fails_the_worker(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A recovery that reads no changelog record leaves the stream partitions paused for good: the
+    watch logs what the fetch loop does, then fails the worker so that it is restarted."""
+    from faust.types import TP
+
+    app = _app()
+    failures: list[tuple[str, str]] = []
+    monkeypatch.setattr("app.health.HEALTH", type("Probe", (), {"fail": lambda _s, c, r: failures.append((c, r))})())
+    now = [1000.0]
+    watch = faust_guard.RecoveryWatch(app, clock=lambda: now[0])
+    recovery = app.tables.recovery
+    tp = TP("t.perfex-webhooks-smart-pending-changelog", 2)
+    recovery.active_highwaters[tp] = 37
+    recovery.active_offsets[tp] = 20
+
+    watch.check()  # not recovering: nothing to watch
+    recovery.in_recovery = True
+    watch.check()
+    now[0] += faust_guard.RECOVERY_STALL_LOG - 1
+    recovery.active_offsets[tp] = 30  # progress: the stall clock starts again
+    watch.check()
+    now[0] += faust_guard.RECOVERY_STALL_LOG - 1
+    watch.check()
+    assert "no progress" not in caplog.text and failures == []
+
+    now[0] += 2  # past the log threshold without progress
+    with caplog.at_level("WARNING", logger="perfex_webhooks"):
+        watch.check()
+        watch.check()
+    warnings = [r.getMessage() for r in caplog.records if "no progress" in r.getMessage()]
+    assert len(warnings) == 1  # once per stall
+    assert f"{tp.topic}:2 7" in warnings[0] and "fetch loop: not running" in warnings[0]
+    assert failures == []
+
+    now[0] = watch.since + faust_guard.RECOVERY_STALL_FAIL
+    watch.check()
+    assert failures and failures[0][0] == "Faust table recovery" and "1 partitions behind" in failures[0][1]
+
+    recovery.in_recovery = False  # recovered (or restarted): the watch forgets the stall
+    watch.check()
+    assert watch.progress is None
