@@ -81,10 +81,9 @@ def now_rfc3339(ts: float | None = None) -> str:
         second, micros = second + 1, micros - 1_000_000
     elif micros < 0:
         second, micros = second - 1, micros + 1_000_000
-    rest = micros
     if _SECOND[0] != second:
         _SECOND = (second, datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S."))
-    return f"{_SECOND[1]}{rest // 1000:03d}Z"
+    return f"{_SECOND[1]}{micros // 1000:03d}Z"
 
 
 def parse_rfc3339(text: str) -> float:

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from importlib.metadata import version
@@ -449,8 +450,6 @@ class RecoveryWatch:
     restarted, and its partitions are recovered anew, instead of staying paused for good."""
 
     def __init__(self, app: Any, clock: Callable[[], float] | None = None) -> None:
-        import time
-
         self.app = app
         self.clock = clock or time.monotonic
         self.progress: tuple[Any, ...] | None = None

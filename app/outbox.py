@@ -65,7 +65,6 @@ class Outbox:
         The 20 ms linger was most of a POST /api/events' latency (p50 25.4-26.4 ms against 2.9-6.2
         without, one request at a time, docs/performance.md 10.1) and capped a client's rate."""
         self.settings = settings
-        self.prompt = prompt
         self._linger_ms = 0 if prompt else 20
         # uvloop's timers count whole milliseconds: a shorter delay is 0, a busy loop (2,065 polls
         # per publish at 0.5 ms).

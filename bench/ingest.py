@@ -31,9 +31,20 @@ import psutil
 
 from app.events import build_event
 from app.producer import Producer
-from bench.harness import ADMIN_TOKEN, BenchWorker, invoice, kafka, machine, new_settings, print_result, save
+from bench.harness import (
+    ADMIN_TOKEN,
+    BenchWorker,
+    invoice,
+    kafka,
+    machine,
+    new_settings,
+    percentile,
+    print_result,
+    save,
+)
 
 EVENT = "invoice.updated"
+HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
 
 
 def _item(i: int) -> dict[str, Any]:
@@ -58,7 +69,6 @@ def _produce_path(s: Any, events: int) -> tuple[float, float]:
 
 async def _post_all(url: str, bodies: list[bytes], concurrency: int, expect: int) -> int:
     """POST every body, `concurrency` in flight; returns the number of events accepted."""
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
     accepted = 0
     it = iter(bodies)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
@@ -66,7 +76,7 @@ async def _post_all(url: str, bodies: list[bytes], concurrency: int, expect: int
         async def lane() -> None:
             nonlocal accepted
             for body in it:
-                async with session.post(url, data=body, headers=headers) as r:
+                async with session.post(url, data=body, headers=HEADERS) as r:
                     doc = await r.json(loads=orjson.loads)
                     if r.status != expect:
                         raise RuntimeError(f"ingest answered HTTP {r.status}: {doc}")
@@ -81,12 +91,11 @@ async def _post_all(url: str, bodies: list[bytes], concurrency: int, expect: int
 
 async def _one_at_a_time(url: str, bodies: list[bytes]) -> list[float]:
     """POST each body after the previous one was answered; each request's seconds."""
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
     took: list[float] = []
     async with aiohttp.ClientSession() as session:
         for body in bodies:
             t0 = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as r:
+            async with session.post(url, data=body, headers=HEADERS) as r:
                 await r.read()
                 if r.status != 202:
                     raise RuntimeError(f"ingest answered HTTP {r.status}")
@@ -97,17 +106,11 @@ async def _one_at_a_time(url: str, bodies: list[bytes]) -> list[float]:
 def _sequential(w: BenchWorker, bodies: list[bytes]) -> dict[str, Any]:
     wp = psutil.Process(w.pid)
     c0 = wp.cpu_times()
-    took = sorted(asyncio.run(_one_at_a_time(f"http://127.0.0.1:{w.port}/api/events", bodies)))
+    took = [s * 1000 for s in asyncio.run(_one_at_a_time(f"http://127.0.0.1:{w.port}/api/events", bodies))]
     c1 = wp.cpu_times()
-
-    def at(q: float) -> float:
-        return round(took[min(len(took) - 1, int(q * len(took)))] * 1000, 2)
-
     return {
         "requests": len(took),
-        "p50_ms": at(0.5),
-        "p90_ms": at(0.9),
-        "p99_ms": at(0.99),
+        **{f"p{q}_ms": round(percentile(took, q), 2) for q in (50, 90, 99)},
         "worker_cpu_ms_per_event": round((c1.user + c1.system - c0.user - c0.system) * 1000 / len(took), 3),
     }
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from bench.harness import kafka, machine, new_settings, print_result, save
+from bench.harness import kafka, machine, new_settings, percentile, print_result, save
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "nagle_on_linger_5": {"socket.nagle.disable": False, "linger.ms": 5},
@@ -37,8 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {f"p{q}_ms": round(s[min(len(s) - 1, int(q / 100 * len(s)))] * 1000, 3) for q in (50, 90, 99)}
+    ms = [x * 1000 for x in samples]
+    return {f"p{q}_ms": round(percentile(ms, q), 3) for q in (50, 90, 99)}
 
 
 def _variant(bootstrap: str, topic: str, conf: dict[str, Any], records: int) -> dict[str, Any]:
